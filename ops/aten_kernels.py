@@ -1,0 +1,155 @@
+"""Per-sample GroupNorm built from ATen's fused GroupNorm kernels.
+
+GroupNorm of ``[N, C, *]`` with G groups equals GroupNorm of ``[1, N*C, L]`` with N*G
+groups and an ``[N*C]`` weight, because groups never cross samples. On that view ATen's
+"dgamma" *is* the per-sample weight gradient, for the cost of one plain backward. The
+view needs the contiguous layout; channels_last gets its own backward below.
+
+Reduced-precision (fp16/bf16) inputs take fp32 params: that is ATen's mixed-dtype path,
+which keeps the saved statistics in fp32 instead of rounding them to the input dtype.
+"""
+
+import torch
+
+from .checks import acc_dtype, grad_param_dtype
+
+_aten_backward = torch.ops.aten.native_group_norm_backward.default
+
+
+def sizes(input):
+    n, c = input.shape[0], input.shape[1]
+    return n, c, input.numel() // (n * c)
+
+
+def shared_row(p):
+    """The ``[C]`` row of a parameter whose values do not vary over N, else None.
+
+    Per-sample weights are most often ``param.expand(N, C)`` (stride 0 over N); those
+    take the shared-parameter kernels, which need no per-sample affine pass.
+    """
+    if p is None or p.dim() == 1:
+        return p
+    return p[0] if p.shape[0] == 1 or p.stride(0) == 0 else None
+
+
+def _as(p, dtype):
+    """``p`` in ``dtype``, contiguous: ATen's kernels read params and statistics as
+    dense arrays without checking their strides."""
+    if p is None:
+        return p
+    return (p if p.dtype == dtype else p.to(dtype)).contiguous()
+
+
+def _flat(p, n, c, dtype):
+    """``[N*C]`` form of a ``[C]`` or ``[N, C]`` parameter."""
+    if p is None:
+        return None
+    return _as(p, dtype).expand(n, c).reshape(n * c)
+
+
+def _bcast(t, input):
+    """``[N, C]`` -> ``[N, C, 1, ...]``, to broadcast against ``input``."""
+    return t.view(t.shape + (1,) * (input.dim() - 2))
+
+
+def forward(input, num_groups, weight, bias, eps):
+    n, c, length = sizes(input)
+    dtype = acc_dtype(input.dtype)
+    w_row, b_row = shared_row(weight), shared_row(bias)
+    shared = (w_row is not None or weight is None) and (b_row is not None or bias is None)
+    if shared or input.is_contiguous():
+        if shared:  # any layout: ATen's own kernels
+            w, b, nc, groups, x = _as(w_row, dtype), _as(b_row, dtype), c, num_groups, input
+        else:  # the per-sample view
+            w, b = _flat(weight, n, c, dtype), _flat(bias, n, c, dtype)
+            nc, groups, x = n * c, n * num_groups, input.view(1, n * c, length)
+        if w is None and b is None and dtype != input.dtype:
+            w = input.new_ones((nc,), dtype=dtype)
+        out, mean, rstd = torch.native_group_norm(x, w, b, x.shape[0], nc, length, groups, eps)
+        if shared:
+            return out, mean, rstd
+        return out.view(input.shape), mean.view(n, num_groups), rstd.view(n, num_groups)
+    # Per-sample params on channels_last: normalise with ATen, then one affine pass.
+    ones = input.new_ones((c,), dtype=dtype) if dtype != input.dtype else None
+    out, mean, rstd = torch.native_group_norm(input, ones, None, n, c, length, num_groups, eps)
+    w = _bcast(_as(weight, dtype).expand(n, c), input) if weight is not None else 1
+    b = _bcast(_as(bias, dtype).expand(n, c), input) if bias is not None else 0
+    return torch.addcmul(b, out, w).to(input.dtype), mean, rstd
+
+
+def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """Contiguous layout: the [1, N*C, L] view. Returns per-sample ``[N, C]`` grads."""
+    n, c, length = sizes(input)
+    dtype = acc_dtype(input.dtype)
+    w = _flat(weight, n, c, dtype)
+    if w is None:
+        w = input.new_ones((n * c,), dtype=dtype)
+    # contiguous() throughout: ATen's backward reads every argument as a dense array
+    # without checking strides, and autograd hands in expanded (stride-0) grad_outs.
+    gi, gw, gb = _aten_backward(
+        grad_out.contiguous().view(1, n * c, length),
+        input.view(1, n * c, length),
+        mean.contiguous().view(1, n * num_groups),
+        rstd.contiguous().view(1, n * num_groups),
+        w,
+        1,
+        n * c,
+        length,
+        n * num_groups,
+        output_mask,
+    )
+    return _finish(input, weight, output_mask, gi.view(input.shape) if output_mask[0] else gi, gw, gb)
+
+
+def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """channels_last does not admit the view: ATen's channels_last kernel gives
+    grad_input, and ATen's dgamma formula, kept per sample, gives the parameters."""
+    n, c, length = sizes(input)
+    dtype = acc_dtype(input.dtype)
+    # ATen crashes when grad_out's layout differs from input's (seen with float64).
+    grad_out = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    gi = None
+    if output_mask[0]:
+        w, dy = shared_row(weight), grad_out
+        if w is None and weight is not None:
+            # A truly per-sample gamma scales grad_out before the normalisation's backward.
+            dy = (grad_out * _bcast(_as(weight, dtype), input)).to(input.dtype)
+        w = input.new_ones((c,), dtype=dtype) if w is None else _as(w, dtype)
+        gi = _aten_backward(dy, input, mean, rstd, w, n, c, length, num_groups, [True, False, False])[0]
+    dims = tuple(range(2, input.dim()))
+    gw = gb = None
+    if output_mask[1] or output_mask[2]:
+        gb = grad_out.sum(dims, dtype=dtype)
+    if output_mask[1]:
+        d = c // num_groups
+        ds = (_as(grad_out, dtype) * _as(input, dtype)).sum(dims)
+        gw = (ds - gb * mean.repeat_interleave(d, 1)) * rstd.repeat_interleave(d, 1)
+    return _finish(input, weight, output_mask, gi, gw, gb)
+
+
+def _finish(input, weight, output_mask, gi, gw, gb):
+    """Masked outputs become empty placeholders; param grads take their declared dtype."""
+    dtype = grad_param_dtype(input, weight)
+    n, c = input.shape[0], input.shape[1]
+    return (
+        gi if output_mask[0] else input.new_empty((0,)),
+        _as(gw.view(n, c), dtype) if output_mask[1] else input.new_empty((0,), dtype=dtype),
+        _as(gb.view(n, c), dtype) if output_mask[2] else input.new_empty((0,), dtype=dtype),
+    )
+
+
+def empty_forward(input, num_groups, fmt):
+    # The statistics of an empty group are zeros here, not ATen's NaN rstd.
+    stats = input.new_zeros((input.shape[0], num_groups), dtype=acc_dtype(input.dtype))
+    return torch.empty_like(input, memory_format=fmt), stats, stats.clone()
+
+
+def empty_backward(input, weight, output_mask, fmt):
+    dtype = grad_param_dtype(input, weight)
+    per_sample = (input.shape[0], input.shape[1])
+    return (
+        torch.empty_like(input, memory_format=fmt) if output_mask[0] else input.new_empty((0,)),
+        input.new_zeros(per_sample if output_mask[1] else (0,), dtype=dtype),
+        input.new_zeros(per_sample if output_mask[2] else (0,), dtype=dtype),
+    )

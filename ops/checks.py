@@ -1,0 +1,166 @@
+"""Input validation shared by the real kernels and the fake implementations.
+
+Every kernel and every fake impl calls these, so a bad call fails with the same
+``RuntimeError`` text in eager, under FakeTensorMode, under ``torch.compile`` and
+under ``torch.export``. ``torch._check`` (not ``assert``) keeps the checks alive
+under ``python -O`` and lets them run on SymInts without forcing a specialisation.
+"""
+
+import torch
+
+_REDUCED = (torch.float16, torch.bfloat16)
+
+
+def _check(cond, message):
+    # Eager conditions are plain bools; skipping torch._check for them saves ~1 us per
+    # check, which matters at small shapes. SymBools (fake/compile) go to torch._check.
+    if cond is not True:
+        torch._check(cond, message)
+
+
+def acc_dtype(input_dtype):
+    """Dtype of the saved statistics and of the fp32-or-wider accumulation."""
+    return torch.float32 if input_dtype in _REDUCED else input_dtype
+
+
+def grad_param_dtype(input, weight):
+    """Dtype of the per-sample weight/bias gradients returned by the backward op."""
+    return weight.dtype if weight is not None else acc_dtype(input.dtype)
+
+
+def _check_param(name, p, input):
+    if p is None:
+        return
+    n, c = input.shape[0], input.shape[1]
+    _check(
+        p.dim() in (1, 2),
+        lambda: f"persample.group_norm: {name} must be Tensor[C] (shared) or Tensor[N, C] "
+        f"(per-sample), got a tensor of shape {tuple(p.shape)}",
+    )
+    _check(
+        p.device == input.device,
+        lambda: f"persample.group_norm: {name} is on {p.device} but input is on {input.device}",
+    )
+    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
+    _check(
+        p.dtype in allowed,
+        lambda: f"persample.group_norm: {name} has dtype {p.dtype}, expected {input.dtype}"
+        + (" or torch.float32" if input.dtype in _REDUCED else ""),
+    )
+    _check(
+        p.shape[-1] == c,
+        lambda: f"persample.group_norm: {name} has {p.shape[-1]} channels but input has "
+        f"C={c} (input shape {tuple(input.shape)})",
+    )
+    if p.dim() == 2:
+        _check(
+            p.shape[0] == n,
+            lambda: f"persample.group_norm: per-sample {name} has N={p.shape[0]} rows but "
+            f"input has batch size N={n}",
+        )
+
+
+def check_input(input, num_groups):
+    _check(
+        input.dim() >= 2,
+        lambda: f"persample.group_norm: expected input of shape [N, C, *] (rank >= 2), "
+        f"got shape {tuple(input.shape)}",
+    )
+    _check(
+        input.dtype.is_floating_point,
+        lambda: f"persample.group_norm: expected a floating-point input, got {input.dtype}",
+    )
+    _check(
+        num_groups > 0,
+        lambda: f"persample.group_norm: num_groups must be positive, got {num_groups}",
+    )
+    _check(
+        input.shape[1] % num_groups == 0,
+        lambda: f"persample.group_norm: num_channels={input.shape[1]} is not divisible "
+        f"by num_groups={num_groups}",
+    )
+
+
+def _fast_ok(input, num_groups, params):
+    """All checks at once, with plain comparisons, for a valid call with concrete sizes.
+
+    The detailed checks below cost ~1 us each; eager GroupNorm at small shapes is
+    dominated by such overheads. Any failure, or a symbolic size, falls through to the
+    detailed checks, which then raise (or defer to runtime asserts).
+    """
+    shape, dtype, device = input.shape, input.dtype, input.device
+    if len(shape) < 2 or not dtype.is_floating_point or num_groups <= 0:
+        return False
+    n, c = shape[0], shape[1]
+    if type(n) is not int or type(c) is not int or c % num_groups:
+        return False
+    for p in params:
+        if p is None:
+            continue
+        if p.device != device or (p.dtype != dtype and (p.dtype != torch.float32 or dtype not in _REDUCED)):
+            return False
+        ps = p.shape
+        if not (ps == (c,) or ps == (n, c)) or type(ps[0]) is not int:
+            return False
+    return True
+
+
+def check_group_norm(input, num_groups, weight, bias, eps):
+    if eps >= 0 and _fast_ok(input, num_groups, (weight, bias)):
+        return
+    check_input(input, num_groups)
+    _check(eps >= 0, lambda: f"persample.group_norm: eps must be >= 0, got {eps}")
+    _check_param("weight", weight, input)
+    _check_param("bias", bias, input)
+
+
+def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups):
+    if _fast_ok(input, num_groups, (weight,)):
+        stats = (input.shape[0], num_groups)
+        acc = acc_dtype(input.dtype)
+        if (
+            tuple.__eq__(grad_out.shape, input.shape)
+            and grad_out.dtype == input.dtype
+            and grad_out.device == input.device
+            and tuple.__eq__(mean.shape, stats)
+            and tuple.__eq__(rstd.shape, stats)
+            and mean.dtype == acc
+            and rstd.dtype == acc
+            and mean.device == input.device
+            and rstd.device == input.device
+        ):
+            return
+    check_input(input, num_groups)
+    _check(
+        grad_out.shape == input.shape,
+        lambda: f"persample.group_norm_backward: grad_out shape {tuple(grad_out.shape)} "
+        f"does not match input shape {tuple(input.shape)}",
+    )
+    _check(
+        grad_out.dtype == input.dtype and grad_out.device == input.device,
+        lambda: f"persample.group_norm_backward: grad_out ({grad_out.dtype}, {grad_out.device}) "
+        f"must match input ({input.dtype}, {input.device})",
+    )
+    n = input.shape[0]
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        _check(
+            t.dim() == 2 and t.shape[0] == n and t.shape[1] == num_groups,
+            lambda: f"persample.group_norm_backward: {name} must have shape [N, num_groups]="
+            f"[{n}, {num_groups}], got {tuple(t.shape)}",
+        )
+        _check(
+            t.dtype == acc_dtype(input.dtype) and t.device == input.device,
+            lambda: f"persample.group_norm_backward: {name} must be {acc_dtype(input.dtype)} on "
+            f"{input.device}, got {t.dtype} on {t.device}",
+        )
+    _check_param("weight", weight, input)
+
+
+def output_memory_format(input):
+    """Memory format of the output and of grad_input, as nn.GroupNorm gives it.
+
+    ATen keeps channels_last on CPU and returns contiguous output on CUDA.
+    """
+    if input.device.type != "cpu" or input.dim() < 4 or input.is_contiguous():
+        return torch.contiguous_format
+    return torch._prims_common.suggest_memory_format(input)

@@ -1,0 +1,47 @@
+"""CPU kernels: ATen's fused CPU GroupNorm kernels, driven to yield per-sample grads."""
+
+import torch
+
+from . import aten_kernels as k
+from .checks import check_group_norm, check_group_norm_backward, output_memory_format
+from .library import lib
+
+
+def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
+    check_group_norm(input, num_groups, weight, bias, eps)
+    fmt = output_memory_format(input)
+    if input.numel() == 0:
+        return k.empty_forward(input, num_groups, fmt)
+    if fmt == torch.contiguous_format and not input.is_contiguous():
+        input = input.contiguous()
+    out, mean, rstd = k.forward(input, num_groups, weight, bias, eps)
+    return _in_format(out, fmt), mean, rstd
+
+
+def group_norm_backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups)
+    fmt = output_memory_format(input)
+    if input.numel() == 0:
+        return k.empty_backward(input, weight, output_mask, fmt)
+    if input.is_contiguous():
+        gi, gw, gb = k.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+    elif fmt == torch.contiguous_format:
+        gi, gw, gb = k.backward(
+            grad_out, input.contiguous(), mean, rstd, weight, num_groups, output_mask
+        )
+    else:
+        # channels_last does not admit the per-sample view: copying to contiguous and
+        # back costs ~2.5x a plain backward, ATen's own channels_last kernel plus two
+        # reductions ~1.3x.
+        gi, gw, gb = k.backward_channels_last(
+            grad_out, input, mean, rstd, weight, num_groups, output_mask
+        )
+    return (_in_format(gi, fmt) if output_mask[0] else gi), gw, gb
+
+
+def _in_format(t, fmt):
+    return t if fmt == torch.contiguous_format and t.is_contiguous() else t.contiguous(memory_format=fmt)
+
+
+lib.impl("group_norm", group_norm_cpu, "CPU")
+lib.impl("group_norm_backward", group_norm_backward_cpu, "CPU")

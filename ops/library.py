@@ -1,0 +1,30 @@
+"""The persample operator schemas.
+
+The forward mirrors ``aten::native_group_norm``: it returns the output and the saved
+statistics, so that the backward op never recomputes the normalisation.
+The backward returns per-sample ``[N, C]`` weight and bias gradients; ``output_mask``
+(grad_input, grad_weight, grad_bias) skips the ones autograd does not need, and a masked
+output is an empty tensor.
+"""
+
+import torch
+
+# Defined with the low-level Library API (not ``custom_op``) because a Python
+# ``custom_op`` call costs ~50 us, which dominates GroupNorm at small shapes.
+lib = torch.library.Library("persample", "DEF")
+
+_TAGS = (torch.Tag.pt2_compliant_tag,)
+
+lib.define(
+    "group_norm(Tensor input, int num_groups, Tensor? weight=None, Tensor? bias=None, "
+    "float eps=1e-05) -> (Tensor, Tensor, Tensor)",
+    tags=_TAGS,
+)
+lib.define(
+    "group_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, "
+    "Tensor? weight, int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    tags=_TAGS,
+)
+
+group_norm_op = torch.ops.persample.group_norm.default
+group_norm_backward_op = torch.ops.persample.group_norm_backward.default

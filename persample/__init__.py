@@ -1,0 +1,15 @@
+"""Per-sample gradients for GroupNorm as real PyTorch operators.
+
+Importing ``persample`` registers ``torch.ops.persample.group_norm`` and
+``torch.ops.persample.group_norm_backward`` (CPU and CUDA kernels, fake
+implementations, autograd and vmap rules).
+"""
+
+from . import ops  # noqa: F401  (defines the ops)
+from . import meta  # noqa: F401  (registers their fake impls)
+from . import nn
+from .nn import convert_group_norm
+from .ops import group_norm
+
+__all__ = ["group_norm", "nn", "convert_group_norm"]
+__version__ = "0.1.0"

@@ -1,0 +1,68 @@
+"""``nn.GroupNorm`` drop-in whose forward runs through ``persample::group_norm``."""
+
+import torch
+
+from .ops import group_norm
+
+__all__ = ["GroupNorm", "convert_group_norm"]
+
+
+class GroupNorm(torch.nn.GroupNorm):
+    """Drop-in for :class:`torch.nn.GroupNorm` backed by the persample operator.
+
+    Same constructor, ``state_dict`` keys and ``extra_repr``; it loads an
+    ``nn.GroupNorm`` state dict as is. ``weight`` and ``bias`` are ``[C]`` parameters,
+    and may be swapped for ``[N, C]`` per-sample tensors with
+    ``torch.func.functional_call``, whose gradients are then the per-sample gradients.
+
+    Args:
+        num_groups (int): number of groups to separate the channels into.
+        num_channels (int): C, the number of channels expected in the input.
+        eps (float): added to the variance for numerical stability. Default: 1e-5.
+        affine (bool): learnable per-channel weight (ones) and bias (zeros). Default: True.
+
+    Shape:
+        - Input: ``(N, C, *)``
+        - Output: ``(N, C, *)``, same shape as the input.
+
+    Example:
+        >>> gn = persample.nn.GroupNorm(2, 6)
+        >>> x = torch.randn(4, 6, 5, 5)
+        >>> w = gn.weight.detach().expand(4, -1).requires_grad_()
+        >>> y = torch.func.functional_call(gn, {"weight": w, "bias": gn.bias}, (x,))
+        >>> y.sum().backward()
+        >>> w.grad.shape  # one gradient row per sample
+        torch.Size([4, 6])
+    """
+
+    def forward(self, input):
+        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def convert_group_norm(module):
+    """Replace every ``nn.GroupNorm`` in ``module`` with :class:`persample.nn.GroupNorm`.
+
+    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the replacements share the original
+    ``Parameter`` objects (so an optimizer built before the call keeps working), and the
+    converted module is returned (``module`` itself is converted in place unless it is
+    a GroupNorm).
+
+    Args:
+        module (nn.Module): a model, or a single ``nn.GroupNorm``.
+
+    Returns:
+        nn.Module: the converted module.
+    """
+    if type(module) is torch.nn.GroupNorm:
+        new = GroupNorm(
+            module.num_groups, module.num_channels, module.eps, affine=False
+        )
+        new.affine = module.affine
+        new.weight, new.bias = module.weight, module.bias
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = convert_group_norm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
