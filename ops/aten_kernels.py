@@ -106,15 +106,15 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
     grad_input, and ATen's dgamma formula, kept per sample, gives the parameters."""
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
-    # ATen crashes when grad_out's layout differs from input's (seen with float64).
-    grad_out = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
     mean, rstd = mean.contiguous(), rstd.contiguous()
     gi = None
     if output_mask[0]:
-        w, dy = shared_row(weight), grad_out
+        # ATen crashes when grad_out's layout differs from input's (seen with float64).
+        dy = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
+        w = shared_row(weight)
         if w is None and weight is not None:
             # A truly per-sample gamma scales grad_out before the normalisation's backward.
-            dy = (grad_out * _bcast(_as(weight, dtype), input)).to(input.dtype)
+            dy = (dy * _bcast(_as(weight, dtype), input)).to(input.dtype)
         w = input.new_ones((c,), dtype=dtype) if w is None else _as(w, dtype)
         gi = _aten_backward(dy, input, mean, rstd, w, n, c, length, num_groups, [True, False, False])[0]
     dims = tuple(range(2, input.dim()))
@@ -123,7 +123,7 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
         gb = grad_out.sum(dims, dtype=dtype)
     if output_mask[1]:
         d = c // num_groups
-        ds = (_as(grad_out, dtype) * _as(input, dtype)).sum(dims)
+        ds = (grad_out.to(dtype) * input.to(dtype)).sum(dims)
         gw = (ds - gb * mean.repeat_interleave(d, 1)) * rstd.repeat_interleave(d, 1)
     return _finish(input, weight, output_mask, gi, gw, gb)
 

@@ -8,8 +8,9 @@ implementations, autograd and vmap rules).
 from . import ops  # noqa: F401  (defines the ops)
 from . import meta  # noqa: F401  (registers their fake impls)
 from . import nn
+from .grad_sample import call_for_per_sample_grads
 from .nn import convert_group_norm
 from .ops import group_norm
 
-__all__ = ["group_norm", "nn", "convert_group_norm"]
+__all__ = ["group_norm", "nn", "convert_group_norm", "call_for_per_sample_grads"]
 __version__ = "0.1.0"

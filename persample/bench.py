@@ -1,23 +1,25 @@
-"""Benchmark: per-sample GroupNorm gradients against plain GroupNorm and ExpandedWeights.
+"""``python -m persample.bench``: per-sample GroupNorm gradients, against every peer.
 
-Run ``python -m persample.bench``. For every shape it times forward+backward of each
-method, interleaving the methods round by round in one process so that drift in
-machine load hits them alike, and prints the medians and ratios to plain
-``nn.GroupNorm``, which computes no per-sample gradients and is the floor.
+For every shape it times one forward+backward of each method, interleaved round by
+round in one process (the order rotates each round, so that caches and the allocator
+treat the methods alike), and prints the median time and the median same-round ratio
+to plain ``nn.GroupNorm``, which computes no per-sample gradients and is the floor.
+All other methods produce the ``[N, C]`` per-sample weight and bias gradients.
 """
 
 import argparse
 import ctypes
+import json
 import math
+import platform
 import statistics
 import time
 
 import torch
 
-import persample
+from . import methods as M
 
-# The BRIEF's shapes (N, C, H, W, G), plus channels_last.
-SHAPES = [
+SHAPES = [  # (N, C, H, W, G), channels_last: the BRIEF's table, plus channels_last
     ((64, 64, 32, 32, 32), False),
     ((256, 32, 16, 16, 8), False),
     ((32, 256, 8, 8, 32), False),
@@ -27,109 +29,13 @@ SHAPES = [
 QUICK_SHAPES = [((32, 256, 8, 8, 32), False), ((16, 64, 16, 16, 32), True)]
 
 
-def _plain(gn, x, dy):
-    gn(x).backward(dy)
-
-
-def _persample(gn, x, dy):
-    n = x.shape[0]
-    w = gn.weight.detach().expand(n, -1).requires_grad_()
-    b = gn.bias.detach().expand(n, -1).requires_grad_()
-    persample.group_norm(x, gn.num_groups, w, b, gn.eps).backward(dy)
-    return w.grad, b.grad
-
-
-def _expanded_weights(gn, x, dy):
-    from torch.nn.utils._per_sample_grad import call_for_per_sample_grads
-
-    call_for_per_sample_grads(gn)(x).backward(dy)
-    grads = gn.weight.grad_sample, gn.bias.grad_sample
-    gn.weight.grad_sample = gn.bias.grad_sample = None
-    return grads
-
-
-METHODS = {"plain": _plain, "persample": _persample, "expanded_weights": _expanded_weights}
-
-
-def _inputs(shape, channels_last, device):
-    n, c, h, w, g = shape
-    x = torch.randn(n, c, h, w, device=device)
-    dy = torch.randn_like(x)
-    if channels_last:
-        x, dy = (t.contiguous(memory_format=torch.channels_last) for t in (x, dy))
-    gn = torch.nn.GroupNorm(g, c).to(device)
-    return gn, x.requires_grad_(), dy
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_methods(methods, args, rounds, device):
-    """Per-round seconds of each method, interleaved round by round."""
-    times = {name: [] for name in methods}
-    for fn in methods.values():  # warm-up
-        fn(*args)
-    names = list(methods)
-    for r in range(rounds):
-        # Rotate the order, so that each method follows each other equally often
-        # (caches and the allocator carry state from one method to the next).
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            fn = methods[name]
-            args[1].grad = None
-            _sync(device)
-            start = time.perf_counter()
-            fn(*args)
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
-def run(shapes, rounds, device):
-    rows = []
-    for shape, channels_last in shapes:
-        gn, x, dy = _inputs(shape, channels_last, device)
-        times = time_methods(METHODS, (gn, x, dy), rounds, device)
-        rows.append(
-            {
-                "shape": shape,
-                "channels_last": channels_last,
-                "seconds": {name: statistics.median(t) for name, t in times.items()},
-                # Ratios are medians of same-round pairs, which cancels slow drift.
-                "ratio_to_plain": {
-                    name: statistics.median(a / b for a, b in zip(t, times["plain"]))
-                    for name, t in times.items()
-                },
-            }
-        )
-    return rows
-
-
-def report(rows):
-    print(f"{'N,C,H,W,G':<18}{'layout':<9}{'plain ms':>9}{'persample ms':>13}"
-          f"{'EW ms':>8}{'ps/plain':>10}{'EW/ps':>8}")
-    ratios, speedups = [], []
-    for row in rows:
-        s, r = row["seconds"], row["ratio_to_plain"]
-        ratio, speedup = r["persample"], r["expanded_weights"] / r["persample"]
-        ratios.append(ratio)
-        speedups.append(speedup)
-        print(f"{','.join(map(str, row['shape'])):<18}{'NHWC' if row['channels_last'] else 'NCHW':<9}"
-              f"{s['plain'] * 1e3:>9.3f}{s['persample'] * 1e3:>13.3f}"
-              f"{s['expanded_weights'] * 1e3:>8.3f}{ratio:>10.3f}{speedup:>8.2f}")
-    gmean = lambda v: math.exp(sum(map(math.log, v)) / len(v))  # noqa: E731
-    print(f"geometric mean: persample/plain = {gmean(ratios):.3f}, "
-          f"speed-up over ExpandedWeights = {gmean(speedups):.2f}x")
-
-
 def _steady_allocator():
     """Keep freed large blocks in glibc's heap instead of returning them to the OS.
 
     By default glibc maps big tensors with mmap and unmaps them on free, so each step
-    pays page faults whose count depends on allocation order, not on the method timed:
-    repeated runs of the same method then differ by 2-3x. Fixing the thresholds makes
-    every method reuse memory, as a tuned allocator (jemalloc, tcmalloc) would.
+    pays page faults whose number depends on the allocation order, not on the method:
+    repeated runs of one method then differ by 2-3x. Fixed thresholds make every method
+    reuse memory, as a tuned allocator (jemalloc, tcmalloc) would.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -142,20 +48,137 @@ def _steady_allocator():
         return False
 
 
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(steps, rounds, device):
+    """Seconds per round of each step, interleaved, in a rotating order."""
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def run_shape(shape, channels_last, rounds, device, wanted):
+    case = M.Case(shape, channels_last, device)
+    steps, skipped = {}, {}
+    for name in wanted:
+        try:
+            steps[name] = M.METHODS[name](case)
+        except M.Unavailable as why:
+            skipped[name] = str(why)
+    for step in steps.values():  # warm-up: compiles, caches
+        step()
+        step()
+    times = time_methods(steps, rounds, device)
+    plain = times["plain"]
+    return {
+        "shape": list(shape),
+        "channels_last": channels_last,
+        "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
+        # Medians of same-round pairs, which cancel slow drift in machine load.
+        "ratio_to_plain": {
+            k: statistics.median(a / b for a, b in zip(v, plain)) for k, v in times.items()
+        },
+        "skipped": skipped,
+    }
+
+
+def _gmean(values):
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def summary(rows):
+    """Geometric means over shapes of each method's ratio to plain."""
+    names = [n for n in rows[0]["ratio_to_plain"]]
+    return {n: _gmean([r["ratio_to_plain"][n] for r in rows]) for n in names}
+
+
+def report(rows, header):
+    print(header)
+    names = list(rows[0]["ratio_to_plain"])
+    print("per-sample forward+backward: median ms (ratio to plain nn.GroupNorm)")
+    print(f"{'N,C,H,W,G':<16}{'layout':<7}" + "".join(f"{n:>24}" for n in names))
+    for row in rows:
+        cells = "".join(
+            f"{row['ms'][n]:>15.3f} ({row['ratio_to_plain'][n]:>5.2f})" for n in names
+        )
+        layout = "NHWC" if row["channels_last"] else "NCHW"
+        print(f"{','.join(map(str, row['shape'])):<16}{layout:<7}{cells}")
+    means = summary(rows)
+    print("geometric mean of ratio to plain: " + ", ".join(f"{n} {v:.3f}" for n, v in means.items()))
+    if "expanded_weights" in means:
+        print(f"persample speed-up over ExpandedWeights: "
+              f"{means['expanded_weights'] / means['persample']:.2f}x")
+    for name, why in rows[0]["skipped"].items():
+        print(f"skipped {name}: {why}")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows[0]["ratio_to_plain"])
+    labels = [",".join(map(str, r["shape"])) + (" NHWC" if r["channels_last"] else "") for r in rows]
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        ax.bar([j + i * width for j in range(len(rows))],
+               [r["ratio_to_plain"][name] for r in rows], width, label=name)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=8)
+    ax.set_yscale("log")
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("time / plain nn.GroupNorm (log)")
+    ax.set_title("per-sample GroupNorm gradients, forward+backward")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m persample.bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds per method")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds (< 2 min)")
+    parser.add_argument("--rounds", type=int, help="timed rounds per method")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--methods", help="comma-separated subset of: " + ",".join(M.METHODS))
+    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
+    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    rounds = args.rounds or (20 if args.quick else 100)
+    wanted = args.methods.split(",") if args.methods else list(M.METHODS)
+    unknown = set(wanted) - set(M.METHODS)
+    if unknown:
+        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+    if "plain" not in wanted:
+        wanted.insert(0, "plain")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    rounds = args.rounds or (10 if args.quick else 40)
     steady = _steady_allocator()
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"rounds {rounds}, glibc allocator pinned: {steady}")
-    report(run(QUICK_SHAPES if args.quick else SHAPES, rounds, device))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    header = (f"torch {torch.__version__} | device {device} ({name}) | "
+              f"threads {torch.get_num_threads()} | rounds {rounds} | glibc allocator pinned {steady}")
+    torch.manual_seed(0)
+    rows = [run_shape(s, cl, rounds, device, wanted)
+            for s, cl in (QUICK_SHAPES if args.quick else SHAPES)]
+    report(rows, header)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "rows": rows, "geomean_ratio_to_plain": summary(rows)}, f, indent=1)
+    if args.plot:
+        plot(rows, args.plot)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 import torch
 
-from .ops import group_norm
+from .ops.library import group_norm_op
 
 __all__ = ["GroupNorm", "convert_group_norm"]
 
@@ -35,8 +35,42 @@ class GroupNorm(torch.nn.GroupNorm):
         torch.Size([4, 6])
     """
 
+    # Zero [N, C] leaves that persample.call_for_per_sample_grads attaches for one call:
+    # adding them to the shared parameters leaves the output unchanged, and their
+    # gradients are the per-sample gradients (the parameters still get the batch sum).
+    _weight_sample = None
+    _bias_sample = None
+
     def forward(self, input):
-        return group_norm(input, self.num_groups, self.weight, self.bias, self.eps)
+        weight, bias = self.weight, self.bias
+        if self._weight_sample is not None:
+            weight = weight + self._weight_sample
+        if self._bias_sample is not None:
+            bias = bias + self._bias_sample
+        out, mean, rstd = group_norm_op(input, self.num_groups, weight, bias, self.eps)
+        if self._forward_hooks and self.training and not torch.compiler.is_compiling():
+            _stash_stats(self, input, mean, rstd)
+        return out
+
+
+def _stash_stats(layer, input, mean, rstd):
+    """Keep this call's statistics for a hook-based per-sample sampler
+    (``persample.opacus``), so that it needs no recomputation. Keyed by the input's
+    storage, bounded, so that unclaimed entries cannot pile up."""
+    stash = layer.__dict__.setdefault("_saved_stats", [])
+    stash.append((input.data_ptr(), input.shape, mean.detach(), rstd.detach()))
+    del stash[:-4]
+
+
+def pop_stats(layer, input):
+    """The statistics that ``layer``'s forward computed for ``input``, or None."""
+    stash = layer.__dict__.get("_saved_stats", [])
+    for i in range(len(stash) - 1, -1, -1):
+        ptr, shape, mean, rstd = stash[i]
+        if ptr == input.data_ptr() and shape == input.shape:
+            del stash[i]
+            return mean, rstd
+    return None
 
 
 def convert_group_norm(module):

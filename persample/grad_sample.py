@@ -1,0 +1,101 @@
+"""Model-level per-sample gradients: ``p.grad_sample`` for persample GroupNorm parameters.
+
+The same convention as ExpandedWeights (``call_for_per_sample_grads``) and Opacus: after
+the backward pass every affine :class:`persample.nn.GroupNorm` parameter ``p`` holds
+``p.grad_sample`` of shape ``[N, *p.shape]``, and ``p.grad`` as usual.
+
+It works by attaching, for the duration of one call, zero ``[N, C]`` leaf tensors to
+each layer; the layer adds them to its parameters. Their gradients are the per-sample
+gradients, computed by ``persample::group_norm_backward``, and hooks on those leaves
+copy them to ``grad_sample``. Everything happens outside the model, so the model can be
+``torch.compile(fullgraph=True)``-ed: it sees the leaves as ordinary tensor inputs (no
+graph break, no compiled autograd), and a changing batch size triggers at most the one
+recompile that makes the batch dimension dynamic.
+"""
+
+import torch
+
+from .nn import GroupNorm
+
+__all__ = ["call_for_per_sample_grads", "per_sample_layers"]
+
+
+def per_sample_layers(module):
+    """The affine :class:`persample.nn.GroupNorm` layers of ``module`` (compiled or not)."""
+    return [m for m in module.modules() if isinstance(m, GroupNorm) and m.affine]
+
+
+def _batch_size(args, kwargs, batch_first):
+    for arg in (*args, *kwargs.values()):
+        if isinstance(arg, torch.Tensor):
+            return arg.shape[0 if batch_first else 1]
+    raise ValueError(
+        "call_for_per_sample_grads: no tensor argument to infer the batch size from; "
+        "pass batch_size="
+    )
+
+
+def _hook(param, scale):
+    def store(grad):
+        grad = grad.detach() * scale if scale != 1 else grad.detach()
+        old = getattr(param, "grad_sample", None)
+        # Several backward passes over the same batch accumulate, as p.grad does.
+        param.grad_sample = grad if old is None or old.shape != grad.shape else old + grad
+
+    return store
+
+
+def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", batch_first=True):
+    """Wrap ``module`` so that a backward pass fills ``p.grad_sample`` for its
+    persample GroupNorm parameters.
+
+    Mirrors ``torch.nn.utils._per_sample_grad.call_for_per_sample_grads``. Call the
+    result like the module; run the backward pass on a loss computed from its output.
+
+    Args:
+        module (nn.Module): a model holding :class:`persample.nn.GroupNorm` layers (use
+            :func:`persample.convert_group_norm` for ``nn.GroupNorm``), or the
+            ``torch.compile``-d model.
+        batch_size (int, optional): N; by default dim 0 (or 1, see ``batch_first``) of
+            the first tensor argument.
+        loss_reduction (str): ``"sum"`` if the loss sums over the batch, ``"mean"`` if it
+            averages; with ``"mean"``, ``grad_sample`` is multiplied by N, so that it
+            holds each example's own gradient (the Opacus and ExpandedWeights rule).
+        batch_first (bool): whether the batch is dim 0 of the inputs.
+
+    Returns:
+        Callable: ``wrapper(*args, **kwargs)`` returning ``module(*args, **kwargs)``.
+
+    Example:
+        >>> model = persample.convert_group_norm(make_model())
+        >>> compiled = torch.compile(model, fullgraph=True)
+        >>> loss = F.cross_entropy(call_for_per_sample_grads(compiled, loss_reduction="mean")(x), y)
+        >>> loss.backward()
+        >>> model.gn.weight.grad_sample.shape  # [N, C]
+    """
+    if loss_reduction not in ("sum", "mean"):
+        raise ValueError(f'loss_reduction must be "sum" or "mean", got {loss_reduction!r}')
+    layers = per_sample_layers(module)
+    if not layers:
+        raise ValueError(
+            "call_for_per_sample_grads: the module has no affine persample.nn.GroupNorm "
+            "layer; convert nn.GroupNorm layers with persample.convert_group_norm first"
+        )
+
+    def wrapper(*args, **kwargs):
+        n = batch_size if batch_size is not None else _batch_size(args, kwargs, batch_first)
+        scale = n if loss_reduction == "mean" else 1
+        for layer in layers:
+            for name in ("weight", "bias"):
+                param = getattr(layer, name)
+                param.grad_sample = None
+                leaf = param.new_zeros((n, *param.shape), requires_grad=True)
+                leaf.register_hook(_hook(param, scale))
+                setattr(layer, f"_{name}_sample", leaf)
+        try:
+            return module(*args, **kwargs)
+        finally:
+            for layer in layers:
+                layer._weight_sample = layer._bias_sample = None
+
+    return wrapper
