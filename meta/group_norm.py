@@ -25,8 +25,10 @@ def _group_norm_fake(input, num_groups, weight=None, bias=None, eps=1e-5):
 
 
 @torch.library.register_fake("persample::group_norm_backward")
-def _group_norm_backward_fake(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups)
+def _group_norm_backward_fake(
+    grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
+):
+    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
     fmt = output_memory_format(input)
     dtype = grad_param_dtype(input, weight)
     per_sample = (input.shape[0], input.shape[1])

@@ -72,9 +72,11 @@ def forward(input, num_groups, weight, bias, eps):
     # Per-sample params on channels_last: normalise with ATen, then one affine pass.
     ones = input.new_ones((c,), dtype=dtype) if dtype != input.dtype else None
     out, mean, rstd = torch.native_group_norm(input, ones, None, n, c, length, num_groups, eps)
-    w = _bcast(_as(weight, dtype).expand(n, c), input) if weight is not None else 1
-    b = _bcast(_as(bias, dtype).expand(n, c), input) if bias is not None else 0
-    return torch.addcmul(b, out, w).to(input.dtype), mean, rstd
+    if weight is not None:
+        out = out * _bcast(_as(weight, dtype).expand(n, c), input)
+    if bias is not None:
+        out = out + _bcast(_as(bias, dtype).expand(n, c), input)
+    return out.to(input.dtype), mean, rstd
 
 
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):

@@ -26,6 +26,7 @@ import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
+from . import double_backward
 from .library import group_norm_backward_op, group_norm_op, lib
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
@@ -39,7 +40,7 @@ class GroupNormAutograd(_SingleLevelFunction):
         # mean and rstd get no gradient; not materialising zeros for them saves two
         # allocations per backward.
         ctx.set_materialize_grads(False)
-        ctx.num_groups = num_groups
+        ctx.num_groups, ctx.eps = num_groups, eps
         # A shared [C] parameter's gradient is the batch sum, as nn.GroupNorm gives it;
         # an [N, C] one keeps the per-sample rows.
         ctx.sum_weight = weight is not None and weight.dim() == 1
@@ -56,7 +57,7 @@ class GroupNormAutograd(_SingleLevelFunction):
         _, need_input, _, need_weight, need_bias, _ = ctx.needs_input_grad
         gi, gw, gb = group_norm_backward_op(
             grad_out, input, mean, rstd, weight, ctx.num_groups,
-            [need_input, need_weight, need_bias],
+            [need_input, need_weight, need_bias], ctx.eps,
         )
         if need_weight and ctx.sum_weight:
             gw = gw.sum(0)
@@ -88,4 +89,46 @@ def _group_norm_autograd(keyset, input, num_groups, weight=None, bias=None, eps=
     return GroupNormAutograd.apply(below, input, num_groups, weight, bias, eps)
 
 
+class GroupNormBackwardAutograd(_SingleLevelFunction):
+    """Autograd of the backward op, for double backward: the forward runs the kernel;
+    only a second differentiation runs the closed-form derivative."""
+
+    @staticmethod
+    def forward(ctx, keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps):
+        grads = group_norm_backward_op.redispatch(
+            keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps
+        )
+        ctx.set_materialize_grads(False)
+        ctx.num_groups, ctx.output_mask, ctx.eps = num_groups, list(output_mask), eps
+        ctx.save_for_backward(grad_out, input, weight)
+        return grads
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        grad_out, input, weight = ctx.saved_tensors
+        kept = [t for t, keep in zip(cotangents, ctx.output_mask) if keep]
+        d_grad_out, d_input, d_weight = double_backward.vjp(
+            grad_out, input, weight, ctx.num_groups, ctx.eps, ctx.output_mask, kept
+        )
+        return None, d_grad_out, d_input, None, None, d_weight, None, None, None
+
+
+def _group_norm_backward_autograd(
+    keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
+):
+    below = keyset & _BELOW_AUTOGRAD
+    args = (grad_out, input, mean, rstd, weight, num_groups, output_mask, eps)
+    if not torch.is_grad_enabled() or not (
+        grad_out.requires_grad
+        or input.requires_grad
+        or (weight is not None and weight.requires_grad)
+    ):
+        return group_norm_backward_op.redispatch(below, *args)
+    if torch._C._are_functorch_transforms_active():
+        with enable_single_level_autograd_function():
+            return GroupNormBackwardAutograd.apply(below, *args)
+    return GroupNormBackwardAutograd.apply(below, *args)
+
+
 lib.impl("group_norm", _group_norm_autograd, "Autograd", with_keyset=True)
+lib.impl("group_norm_backward", _group_norm_backward_autograd, "Autograd", with_keyset=True)

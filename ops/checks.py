@@ -11,6 +11,18 @@ import torch
 _REDUCED = (torch.float16, torch.bfloat16)
 
 
+def _v(size):
+    """A size as the user passed it: the concrete hint of a SymInt, so that messages
+    read the same under compile as in eager."""
+    if isinstance(size, torch.SymInt) and size.node.has_hint():
+        return size.node.hint
+    return size
+
+
+def _shape(t):
+    return tuple(_v(s) for s in t.shape)
+
+
 def _check(cond, message):
     # Eager conditions are plain bools; skipping torch._check for them saves ~1 us per
     # check, which matters at small shapes. SymBools (fake/compile) go to torch._check.
@@ -35,7 +47,7 @@ def _check_param(name, p, input):
     _check(
         p.dim() in (1, 2),
         lambda: f"persample.group_norm: {name} must be Tensor[C] (shared) or Tensor[N, C] "
-        f"(per-sample), got a tensor of shape {tuple(p.shape)}",
+        f"(per-sample), got a tensor of shape {_shape(p)}",
     )
     _check(
         p.device == input.device,
@@ -49,14 +61,14 @@ def _check_param(name, p, input):
     )
     _check(
         p.shape[-1] == c,
-        lambda: f"persample.group_norm: {name} has {p.shape[-1]} channels but input has "
-        f"C={c} (input shape {tuple(input.shape)})",
+        lambda: f"persample.group_norm: {name} has {_v(p.shape[-1])} channels but input has "
+        f"C={_v(c)} (input shape {_shape(input)})",
     )
     if p.dim() == 2:
         _check(
             p.shape[0] == n,
-            lambda: f"persample.group_norm: per-sample {name} has N={p.shape[0]} rows but "
-            f"input has batch size N={n}",
+            lambda: f"persample.group_norm: per-sample {name} has N={_v(p.shape[0])} rows but "
+            f"input has batch size N={_v(n)}",
         )
 
 
@@ -64,7 +76,7 @@ def check_input(input, num_groups):
     _check(
         input.dim() >= 2,
         lambda: f"persample.group_norm: expected input of shape [N, C, *] (rank >= 2), "
-        f"got shape {tuple(input.shape)}",
+        f"got shape {_shape(input)}",
     )
     _check(
         input.dtype.is_floating_point,
@@ -76,7 +88,7 @@ def check_input(input, num_groups):
     )
     _check(
         input.shape[1] % num_groups == 0,
-        lambda: f"persample.group_norm: num_channels={input.shape[1]} is not divisible "
+        lambda: f"persample.group_norm: num_channels={_v(input.shape[1])} is not divisible "
         f"by num_groups={num_groups}",
     )
 
@@ -114,8 +126,8 @@ def check_group_norm(input, num_groups, weight, bias, eps):
     _check_param("bias", bias, input)
 
 
-def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups):
-    if _fast_ok(input, num_groups, (weight,)):
+def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps):
+    if eps >= 0 and _fast_ok(input, num_groups, (weight,)):
         stats = (input.shape[0], num_groups)
         acc = acc_dtype(input.dtype)
         if (
@@ -131,10 +143,11 @@ def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups):
         ):
             return
     check_input(input, num_groups)
+    _check(eps >= 0, lambda: f"persample.group_norm_backward: eps must be >= 0, got {eps}")
     _check(
         grad_out.shape == input.shape,
-        lambda: f"persample.group_norm_backward: grad_out shape {tuple(grad_out.shape)} "
-        f"does not match input shape {tuple(input.shape)}",
+        lambda: f"persample.group_norm_backward: grad_out shape {_shape(grad_out)} "
+        f"does not match input shape {_shape(input)}",
     )
     _check(
         grad_out.dtype == input.dtype and grad_out.device == input.device,
@@ -146,7 +159,7 @@ def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups):
         _check(
             t.dim() == 2 and t.shape[0] == n and t.shape[1] == num_groups,
             lambda: f"persample.group_norm_backward: {name} must have shape [N, num_groups]="
-            f"[{n}, {num_groups}], got {tuple(t.shape)}",
+            f"[{_v(n)}, {num_groups}], got {_shape(t)}",
         )
         _check(
             t.dtype == acc_dtype(input.dtype) and t.device == input.device,

@@ -12,23 +12,21 @@ def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_forward(input, num_groups, fmt)
-    if fmt == torch.contiguous_format and not input.is_contiguous():
-        input = input.contiguous()
+    input = _dense(input, fmt)
     out, mean, rstd = k.forward(input, num_groups, weight, bias, eps)
     return _in_format(out, fmt), mean, rstd
 
 
-def group_norm_backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups)
+def group_norm_backward_cpu(
+    grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
+):
+    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, fmt)
-    if input.is_contiguous():
+    input = _dense(input, fmt)
+    if fmt == torch.contiguous_format:
         gi, gw, gb = k.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
-    elif fmt == torch.contiguous_format:
-        gi, gw, gb = k.backward(
-            grad_out, input.contiguous(), mean, rstd, weight, num_groups, output_mask
-        )
     else:
         # channels_last does not admit the per-sample view: copying to contiguous and
         # back costs ~2.5x a plain backward, ATen's own channels_last kernel plus two
@@ -37,6 +35,12 @@ def group_norm_backward_cpu(grad_out, input, mean, rstd, weight, num_groups, out
             grad_out, input, mean, rstd, weight, num_groups, output_mask
         )
     return (_in_format(gi, fmt) if output_mask[0] else gi), gw, gb
+
+
+def _dense(input, fmt):
+    """ATen's CPU kernels read the input as a dense array in its suggested format
+    (torch 2.13 checks for that, later releases do not)."""
+    return input if input.is_contiguous(memory_format=fmt) else input.contiguous(memory_format=fmt)
 
 
 def _in_format(t, fmt):

@@ -31,8 +31,10 @@ def group_norm_cuda(input, num_groups, weight=None, bias=None, eps=1e-5):
     return out.to(input.dtype), mean, rstd
 
 
-def group_norm_backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups)
+def group_norm_backward_cuda(
+    grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
+):
+    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, output_memory_format(input))
     gi, gw, gb = k.backward(

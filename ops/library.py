@@ -4,7 +4,8 @@ The forward mirrors ``aten::native_group_norm``: it returns the output and the s
 statistics, so that the backward op never recomputes the normalisation.
 The backward returns per-sample ``[N, C]`` weight and bias gradients; ``output_mask``
 (grad_input, grad_weight, grad_bias) skips the ones autograd does not need, and a masked
-output is an empty tensor.
+output is an empty tensor. Its kernels use the saved statistics; ``eps`` is there for
+its own derivative (double backward), which recomputes them.
 """
 
 import torch
@@ -22,7 +23,8 @@ lib.define(
 )
 lib.define(
     "group_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, "
-    "Tensor? weight, int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+    "Tensor? weight, int num_groups, bool[3] output_mask, float eps=1e-05) "
+    "-> (Tensor, Tensor, Tensor)",
     tags=_TAGS,
 )
 

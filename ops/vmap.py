@@ -41,7 +41,7 @@ def _group_norm_vmap(info, in_dims, input, num_groups, weight=None, bias=None, e
 
 
 def _group_norm_backward_vmap(
-    info, in_dims, grad_out, input, mean, rstd, weight, num_groups, output_mask
+    info, in_dims, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
 ):
     go_dim, x_dim, m_dim, r_dim, w_dim = in_dims[:5]
     b = info.batch_size
@@ -55,6 +55,7 @@ def _group_norm_backward_vmap(
         _fold_param(weight, w_dim, b, n),
         num_groups,
         output_mask,
+        eps,
     )
     # A masked gradient is an empty, unbatched placeholder.
     outs = tuple(g.unflatten(0, (b, n)) if m else g for g, m in zip(grads, output_mask))

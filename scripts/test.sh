@@ -15,6 +15,6 @@ for v in "${versions[@]}"; do
     echo "=== torch $v ($venv) ==="
     [[ -x "$venv/bin/python" ]] || python3 -m venv "$venv"
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$v"
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test]"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e ".[test,opacus,demo,plot]"
     "$venv/bin/python" -m pytest -q "$@"
 done

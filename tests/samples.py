@@ -1,0 +1,139 @@
+"""Sample inputs and an independent float64 reference, shared by the tests."""
+
+import torch
+import torch.nn.functional as F
+
+import persample  # noqa: F401  (registers the ops)
+
+group_norm_op = torch.ops.persample.group_norm.default
+group_norm_backward_op = torch.ops.persample.group_norm_backward.default
+
+CL = torch.channels_last
+CL3 = torch.channels_last_3d
+
+# (input shape, num_groups, memory format, weight kind, bias kind, eps).
+# Kinds: None, "shared" [C], "per_sample" [N, C], "expanded" ([C].expand(N, C), stride 0).
+CASES = (
+    ((3, 6), 3, None, "shared", "shared", 1e-5),
+    ((3, 6, 7), 1, None, "per_sample", "per_sample", 1e-5),
+    ((3, 6, 7), 6, None, None, None, 1e-3),
+    ((2, 4, 3, 5), 2, None, "per_sample", "shared", 1e-5),
+    ((2, 4, 3, 5), 2, CL, "per_sample", "per_sample", 1e-5),
+    ((2, 4, 3, 5), 4, CL, "shared", None, 1e-5),
+    ((2, 6, 2, 3, 2), 3, None, "shared", "per_sample", 1e-5),
+    ((2, 6, 2, 3, 2), 2, CL3, "per_sample", "per_sample", 1e-5),
+    ((3, 6, 7), 2, None, "expanded", "expanded", 1e-5),
+    ((2, 4, 3, 5), 1, CL, "expanded", "per_sample", 1e-5),
+    ((3, 4, 5), 2, None, "per_sample", None, 0.0),
+    ((3, 4, 5), 4, None, None, "shared", 1e-5),
+    ((2, 4, 3, 5), 2, CL, "per_sample", None, 1e-5),
+    ((2, 6, 2, 3, 2), 3, CL3, None, "per_sample", 1e-5),
+)
+
+# Tolerances against the float64 reference, by the dtype of the compared tensor.
+TOL = {
+    torch.float64: dict(atol=1e-7, rtol=1e-7),
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=1e-2),
+    torch.bfloat16: dict(atol=6e-2, rtol=5e-2),
+}
+
+# Cycled over the backward samples.
+MASKS = (
+    [True, True, True],
+    [True, False, False],
+    [False, True, True],
+    [False, True, False],
+    [False, False, True],
+    [True, True, False],
+)
+
+
+def make_input(
+    shape, memory_format=None, *, device="cpu", dtype=torch.float32, requires_grad=False
+):
+    x = torch.randn(shape, device=device, dtype=dtype)
+    if memory_format is not None:
+        x = x.contiguous(memory_format=memory_format)
+    return x.requires_grad_(requires_grad)
+
+
+def make_param(kind, n, c, *, device="cpu", dtype=torch.float32, requires_grad=False):
+    if kind is None:
+        return None
+    shape = {"shared": (c,), "per_sample": (n, c), "expanded": (c,)}[kind]
+    # Away from zero, so that a wrong scale is visible in every channel.
+    p = torch.rand(shape, device=device, dtype=dtype) + 0.5
+    if kind == "expanded":
+        p = p.expand(n, c)
+    return p.requires_grad_(requires_grad)
+
+
+def sample_inputs(device, *, requires_grad, dtype=torch.float32, param_dtype=None):
+    """Yields ``(input, num_groups, weight, bias, eps)`` for ``persample::group_norm``."""
+    param_dtype = param_dtype or dtype
+    for shape, groups, fmt, w_kind, b_kind, eps in CASES:
+        n, c = shape[:2]
+        x = make_input(shape, fmt, device=device, dtype=dtype, requires_grad=requires_grad)
+        kw = dict(device=device, dtype=param_dtype, requires_grad=requires_grad)
+        yield x, groups, make_param(w_kind, n, c, **kw), make_param(b_kind, n, c, **kw), eps
+
+
+def backward_sample_inputs(device, *, requires_grad, dtype=torch.float32):
+    """Yields ``(grad_out, input, mean, rstd, weight, num_groups, output_mask)``."""
+    samples = sample_inputs(device, requires_grad=False, dtype=dtype)
+    for i, (x, groups, w, b, eps) in enumerate(samples):
+        # The statistics do not depend on the affine parameters.
+        out, mean, rstd = group_norm_op(x, groups, None, None, eps)
+        # Every third sample gets the stride-0 grad_out that ``y.sum().backward()`` makes.
+        grad_out = torch.randn_like(out)
+        if i % 3 == 0:
+            grad_out = torch.randn((), device=device, dtype=dtype).expand_as(out)
+        yield (
+            grad_out.requires_grad_(requires_grad),
+            x.requires_grad_(requires_grad),
+            mean,
+            rstd,
+            None if w is None else w.requires_grad_(requires_grad),
+            groups,
+            MASKS[i % len(MASKS)],
+        )
+
+
+def _leaf(p, i, c, fill):
+    """Sample ``i``'s float64 row of a parameter, as a fresh leaf; ``fill`` if absent."""
+    row = torch.full((c,), fill, dtype=torch.float64) if p is None else p if p.dim() == 1 else p[i]
+    return row.detach().to("cpu", torch.float64).clone().requires_grad_()
+
+
+def reference(x, num_groups, weight, bias, eps, grad_out):
+    """Per-example loop over stock ``F.group_norm`` in float64, on CPU.
+
+    Returns ``(out, grad_input, grad_weight, grad_bias)``; the parameter gradients are
+    per-sample ``[N, C]`` (an absent weight counts as ones, an absent bias as zeros).
+    """
+    c = x.shape[1]
+    outs, grads = [], []
+    for i in range(x.shape[0]):
+        # Contiguous: stock float64 CPU backward crashes on channels_last input with a
+        # contiguous grad (upstream bug).
+        xi = x[i : i + 1].detach().to("cpu", torch.float64).contiguous().requires_grad_()
+        wi, bi = _leaf(weight, i, c, 1.0), _leaf(bias, i, c, 0.0)
+        yi = F.group_norm(xi, num_groups, wi, bi, eps)
+        gi = grad_out[i : i + 1].detach().to("cpu", torch.float64).contiguous()
+        outs.append(yi.detach())
+        grads.append(torch.autograd.grad(yi, (xi, wi, bi), gi))
+    gx, gw, gb = zip(*grads)
+    return torch.cat(outs), torch.cat(gx), torch.stack(gw), torch.stack(gb)
+
+
+def expected_param_grad(p, per_sample_grad):
+    """What autograd should give a parameter: per-sample rows for [N, C], the sum for [C]."""
+    return per_sample_grad if p.dim() == 2 else per_sample_grad.sum(0)
+
+
+def opcheck_samples(test, op, make_samples, device, *, requires_grad):
+    """``torch.library.opcheck`` with all its default checks, one subTest per sample."""
+    for i, args in enumerate(make_samples(device, requires_grad=requires_grad)):
+        with test.subTest(sample=i):
+            torch.library.opcheck(op, args)

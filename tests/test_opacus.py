@@ -1,0 +1,125 @@
+"""persample.opacus: Opacus grad samplers through persample::group_norm_backward."""
+
+import copy
+import importlib.util
+import unittest
+import warnings
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+
+import persample
+
+HAS_OPACUS = importlib.util.find_spec("opacus") is not None
+
+
+def stock_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3),
+        torch.nn.GroupNorm(2, 8),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 3),
+    )
+
+
+def per_example_grads(model, x, y):
+    ref = copy.deepcopy(model).double()
+    out = {k: [] for k, _ in ref.named_parameters()}
+    for xi, yi in zip(x.double(), y):
+        ref.zero_grad()
+        F.cross_entropy(ref(xi[None]), yi[None]).backward()
+        for k, p in ref.named_parameters():
+            out[k].append(p.grad.clone())
+    return {k: torch.stack(v) for k, v in out.items()}
+
+
+@unittest.skipUnless(HAS_OPACUS, "opacus is not installed (pip install 'persample[opacus]')")
+class TestOpacus(unittest.TestCase):
+    def setUp(self):
+        warnings.simplefilter("ignore")  # Opacus warns about secure RNG and hooks
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(6, 3, 6, 6, generator=g)
+        self.y = torch.randint(0, 3, (6,), generator=g)
+
+    def _grad_samples(self, model, loss_reduction="mean"):
+        from opacus import GradSampleModule
+
+        gsm = GradSampleModule(model, loss_reduction=loss_reduction)
+        F.cross_entropy(gsm(self.x), self.y, reduction=loss_reduction).backward()
+        return {k.removeprefix("_module."): p.grad_sample for k, p in gsm.named_parameters()}
+
+    def test_hooks_mode_matches_per_example_loop(self):
+        import persample.opacus  # noqa: F401
+
+        ref = per_example_grads(stock_model(), self.x, self.y)
+        for reduction in ("mean", "sum"):
+            got = self._grad_samples(persample.convert_group_norm(stock_model()), reduction)
+            for name in ref:
+                torch.testing.assert_close(got[name].double(), ref[name], rtol=1e-4, atol=1e-6)
+
+    def test_uses_forward_statistics_without_recomputing(self):
+        import persample.opacus  # noqa: F401
+
+        model = persample.convert_group_norm(stock_model())
+        with mock.patch("torch.var_mean", side_effect=AssertionError("recomputed statistics")), \
+             mock.patch("torch.nn.functional.group_norm", side_effect=AssertionError("recomputed norm")):
+            got = self._grad_samples(model)
+        self.assertEqual(got["1.weight"].shape, (6, 8))
+        self.assertEqual(model[1]._saved_stats, [])  # claimed by the sampler
+
+    def test_opt_in_for_torch_group_norm(self):
+        from opacus.grad_sample import GradSampleModule
+
+        import persample.opacus
+
+        stock_sampler = GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm]
+        try:
+            persample.opacus.register_for_torch_group_norm()
+            self.assertIs(GradSampleModule.GRAD_SAMPLERS[torch.nn.GroupNorm],
+                          persample.opacus.compute_group_norm_grad_sample)
+            got = self._grad_samples(stock_model())
+        finally:
+            persample.opacus.register_grad_sampler(torch.nn.GroupNorm)(stock_sampler)
+        ref = per_example_grads(stock_model(), self.x, self.y)
+        torch.testing.assert_close(got["1.weight"].double(), ref["1.weight"], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got["1.bias"].double(), ref["1.bias"], rtol=1e-4, atol=1e-6)
+
+    def test_module_validator_accepts(self):
+        from opacus.validators import ModuleValidator
+
+        import persample.opacus  # noqa: F401
+
+        model = persample.convert_group_norm(stock_model())
+        self.assertEqual(ModuleValidator.validate(model, strict=False), [])
+        ModuleValidator.validate(model, strict=True)
+
+    def test_privacy_engine_trains_and_reports_epsilon(self):
+        from opacus import PrivacyEngine
+        from torch.utils.data import DataLoader, TensorDataset
+
+        import persample.opacus  # noqa: F401
+
+        torch.manual_seed(0)
+        data = TensorDataset(torch.randn(64, 3, 6, 6), torch.randint(0, 3, (64,)))
+        model = persample.convert_group_norm(stock_model())
+        before = model[1].weight.detach().clone()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine = PrivacyEngine()
+        model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=DataLoader(data, batch_size=16),
+            noise_multiplier=1.0, max_grad_norm=1.0,
+        )
+        for xb, yb in loader:
+            optimizer.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            optimizer.step()
+        eps = engine.get_epsilon(1e-5)
+        self.assertTrue(0 < eps < float("inf"))
+        self.assertFalse(torch.equal(model._module[1].weight.detach(), before))
+
+
+if __name__ == "__main__":
+    unittest.main()
