@@ -22,20 +22,42 @@ It also skips ``Function.apply``'s per-call ``inspect.signature`` binding (~40 u
 a fifth of a small GroupNorm).
 """
 
+import contextlib
+
 import torch
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
-from . import double_backward
+import torch.autograd.forward_ad as fwAD
+
+from . import composite
 from .library import group_norm_backward_op, group_norm_op, lib
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 
 
+def _outer_levels_differentiate():
+    """A Function's forward runs with grad modes off. Under a torch.func transform the
+    redispatch below autograd moves on to the next (outer) transform level, which must
+    record too, for nested grad(grad(...)) and jacrev(jacrev(...)): turn them back on,
+    as functorch's own single-level Functions do. Outside transforms there is no outer
+    level, and nothing below may record."""
+    if torch._C._are_functorch_transforms_active():
+        return _grad_modes_on()
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _grad_modes_on():
+    with torch.enable_grad(), fwAD._set_fwd_grad_enabled(True):
+        yield
+
+
 class GroupNormAutograd(_SingleLevelFunction):
     @staticmethod
     def forward(ctx, keyset, input, num_groups, weight, bias, eps):
-        out, mean, rstd = group_norm_op.redispatch(keyset, input, num_groups, weight, bias, eps)
+        with _outer_levels_differentiate():
+            out, mean, rstd = group_norm_op.redispatch(keyset, input, num_groups, weight, bias, eps)
         ctx.mark_non_differentiable(mean, rstd)
         # mean and rstd get no gradient; not materialising zeros for them saves two
         # allocations per backward.
@@ -47,7 +69,16 @@ class GroupNormAutograd(_SingleLevelFunction):
         ctx.sum_bias = bias is not None and bias.dim() == 1
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, mean, rstd, weight)
+        ctx.save_for_forward(input, weight, bias)
         return out, mean, rstd
+
+    @staticmethod
+    def jvp(ctx, _keyset, input_t, _groups, weight_t, bias_t, _eps):
+        input, weight, bias = ctx.saved_tensors
+        out_t = composite.forward_jvp(
+            input, weight, bias, ctx.num_groups, ctx.eps, (input_t, weight_t, bias_t)
+        )
+        return out_t, None, None
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
@@ -75,13 +106,23 @@ class GroupNormAutograd(_SingleLevelFunction):
         )
 
 
+def _has_tangent(*tensors):
+    """Whether forward-mode AD (jvp, jacfwd) tracks any of these tensors."""
+    return fwAD._current_level >= 0 and any(
+        t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors
+    )
+
+
 def _group_norm_autograd(keyset, input, num_groups, weight=None, bias=None, eps=1e-5):
     below = keyset & _BELOW_AUTOGRAD
-    if not torch.is_grad_enabled() or not (
-        input.requires_grad
-        or (weight is not None and weight.requires_grad)
-        or (bias is not None and bias.requires_grad)
-    ):
+    if not (
+        torch.is_grad_enabled()
+        and (
+            input.requires_grad
+            or (weight is not None and weight.requires_grad)
+            or (bias is not None and bias.requires_grad)
+        )
+    ) and not _has_tangent(input, weight, bias):
         return group_norm_op.redispatch(below, input, num_groups, weight, bias, eps)
     if torch._C._are_functorch_transforms_active():
         with enable_single_level_autograd_function():
@@ -95,9 +136,10 @@ class GroupNormBackwardAutograd(_SingleLevelFunction):
 
     @staticmethod
     def forward(ctx, keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps):
-        grads = group_norm_backward_op.redispatch(
-            keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps
-        )
+        with _outer_levels_differentiate():
+            grads = group_norm_backward_op.redispatch(
+                keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps
+            )
         ctx.set_materialize_grads(False)
         ctx.num_groups, ctx.output_mask, ctx.eps = num_groups, list(output_mask), eps
         ctx.save_for_backward(grad_out, input, weight)
@@ -107,7 +149,7 @@ class GroupNormBackwardAutograd(_SingleLevelFunction):
     def backward(ctx, *cotangents):
         grad_out, input, weight = ctx.saved_tensors
         kept = [t for t, keep in zip(cotangents, ctx.output_mask) if keep]
-        d_grad_out, d_input, d_weight = double_backward.vjp(
+        d_grad_out, d_input, d_weight = composite.vjp(
             grad_out, input, weight, ctx.num_groups, ctx.eps, ctx.output_mask, kept
         )
         return None, d_grad_out, d_input, None, None, d_weight, None, None, None
@@ -118,6 +160,13 @@ def _group_norm_backward_autograd(
 ):
     below = keyset & _BELOW_AUTOGRAD
     args = (grad_out, input, mean, rstd, weight, num_groups, output_mask, eps)
+    # Without this check forward-mode AD would pass through and silently drop tangents.
+    torch._check(
+        not _has_tangent(grad_out, input, weight),
+        lambda: "persample.group_norm_backward does not support forward-mode AD "
+        "(jvp/jacfwd over a gradient); take second derivatives in reverse mode, "
+        "e.g. torch.func.jacrev(torch.func.jacrev(f)) instead of torch.func.hessian(f)",
+    )
     if not torch.is_grad_enabled() or not (
         grad_out.requires_grad
         or input.requires_grad

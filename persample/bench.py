@@ -68,6 +68,9 @@ def time_methods(steps, rounds, device):
 
 
 def run_shape(shape, channels_last, rounds, device, wanted):
+    # Each shape compiles afresh; dynamo's per-function recompile limit would otherwise
+    # be reached across shapes.
+    torch._dynamo.reset()
     case = M.Case(shape, channels_last, device)
     steps, skipped = {}, {}
     for name in wanted:

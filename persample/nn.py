@@ -2,6 +2,7 @@
 
 import torch
 
+from .ops.functional import aten_group_norm, use_aten
 from .ops.library import group_norm_op
 
 __all__ = ["GroupNorm", "convert_group_norm"]
@@ -47,6 +48,8 @@ class GroupNorm(torch.nn.GroupNorm):
             weight = weight + self._weight_sample
         if self._bias_sample is not None:
             bias = bias + self._bias_sample
+        if use_aten(input):
+            return aten_group_norm(input, self.num_groups, weight, bias, self.eps)
         out, mean, rstd = group_norm_op(input, self.num_groups, weight, bias, self.eps)
         if self._forward_hooks and self.training and not torch.compiler.is_compiling():
             _stash_stats(self, input, mean, rstd)
