@@ -21,15 +21,22 @@ def sizes(input):
     return n, c, input.numel() // (n * c)
 
 
-def shared_row(p):
+def shared_row(p, by_value=False):
     """The ``[C]`` row of a parameter whose values do not vary over N, else None.
 
-    Per-sample weights are most often ``param.expand(N, C)`` (stride 0 over N); those
-    take the shared-parameter kernels, which need no per-sample affine pass.
+    Per-sample weights are most often ``param.expand(N, C)`` (stride 0 over N), or
+    ``param + zeros`` (persample.call_for_per_sample_grads); those can take the
+    shared-parameter kernels, which matters on channels_last, where per-sample
+    parameters cost extra passes over the data. ``by_value`` also compares the rows,
+    an O(N*C) check that is cheap beside those passes.
     """
     if p is None or p.dim() == 1:
         return p
-    return p[0] if p.shape[0] == 1 or p.stride(0) == 0 else None
+    if p.shape[0] == 1 or p.stride(0) == 0:
+        return p[0]
+    if by_value and torch.equal(p, p[:1].expand_as(p)):
+        return p[0]
+    return None
 
 
 def _as(p, dtype):
@@ -55,7 +62,8 @@ def _bcast(t, input):
 def forward(input, num_groups, weight, bias, eps):
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
-    w_row, b_row = shared_row(weight), shared_row(bias)
+    channels_last = not input.is_contiguous()
+    w_row, b_row = shared_row(weight, channels_last), shared_row(bias, channels_last)
     shared = (w_row is not None or weight is None) and (b_row is not None or bias is None)
     if shared or input.is_contiguous():
         if shared:  # any layout: ATen's own kernels
@@ -113,7 +121,7 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
     if output_mask[0]:
         # ATen crashes when grad_out's layout differs from input's (seen with float64).
         dy = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
-        w = shared_row(weight)
+        w = shared_row(weight, by_value=True)
         if w is None and weight is not None:
             # A truly per-sample gamma scales grad_out before the normalisation's backward.
             dy = (dy * _bcast(_as(weight, dtype), input)).to(input.dtype)

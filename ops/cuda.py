@@ -6,7 +6,6 @@ ATen's CUDA kernels read params and statistics in the input dtype, while this pa
 keeps fp32 statistics.
 """
 
-import torch
 
 from . import aten_kernels as k
 from .checks import (

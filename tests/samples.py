@@ -1,5 +1,7 @@
 """Sample inputs and an independent float64 reference, shared by the tests."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -137,3 +139,16 @@ def opcheck_samples(test, op, make_samples, device, *, requires_grad):
     for i, args in enumerate(make_samples(device, requires_grad=requires_grad)):
         with test.subTest(sample=i):
             torch.library.opcheck(op, args)
+
+
+def per_example_model_grads(model, x, y):
+    """``{param name: Tensor[N, *shape]}``: each example's own cross-entropy gradient, by
+    a float64 loop over single examples on a copy of ``model``."""
+    ref = copy.deepcopy(model).double()
+    out = {k: [] for k, _ in ref.named_parameters()}
+    for xi, yi in zip(x.double(), y):
+        ref.zero_grad()
+        F.cross_entropy(ref(xi[None]), yi[None]).backward()
+        for k, p in ref.named_parameters():
+            out[k].append(p.grad.clone())
+    return {k: torch.stack(v) for k, v in out.items()}

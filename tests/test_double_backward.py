@@ -95,6 +95,14 @@ class TestForwardMode(unittest.TestCase):
                     )
                     torch.testing.assert_close(ours[1], stock[1])
 
+    def test_jacfwd_matches_stock(self):
+        x, w, b = (t.detach() for t in inputs("shared"))
+        for argnum in (0, 1):
+            with self.subTest(argnum=argnum):
+                ours = torch.func.jacfwd(lambda x, w: persample.group_norm(x, 2, w, b), argnum)(x, w)
+                stock = torch.func.jacfwd(lambda x, w: F.group_norm(x, 2, w, b), argnum)(x, w)
+                torch.testing.assert_close(ours, stock)
+
     def test_gradcheck_forward_ad(self):
         for kind in ("shared", "per_sample"):
             with self.subTest(weight=kind):

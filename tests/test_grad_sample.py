@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import persample
+from samples import per_example_model_grads
 
 
 def stock_model():
@@ -20,18 +21,6 @@ def stock_model():
         torch.nn.Flatten(),
         torch.nn.Linear(4 * 5 * 5, 3),
     )
-
-
-def per_example_grads(model, x, y):
-    """{param name: Tensor[N, *shape]} by a float64 loop over single examples."""
-    ref = copy.deepcopy(model).double()
-    out = {k: [] for k, _ in ref.named_parameters()}
-    for xi, yi in zip(x.double(), y):
-        ref.zero_grad()
-        F.cross_entropy(ref(xi[None]), yi[None]).backward()
-        for k, p in ref.named_parameters():
-            out[k].append(p.grad.clone())
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def gn_names(model):
@@ -49,7 +38,7 @@ class TestCallForPerSampleGrads(unittest.TestCase):
         model = persample.convert_group_norm(copy.deepcopy(stock)) if convert else stock
         out = persample.call_for_per_sample_grads(model, loss_reduction=loss_reduction)(self.x)
         F.cross_entropy(out, self.y, reduction=loss_reduction).backward()
-        ref = per_example_grads(stock, self.x, self.y)
+        ref = per_example_model_grads(stock, self.x, self.y)
         params = dict(model.named_parameters())
         for name in gn_names(model):
             # grad_sample holds each example's own gradient, whatever the reduction.

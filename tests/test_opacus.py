@@ -1,6 +1,5 @@
 """persample.opacus: Opacus grad samplers through persample::group_norm_backward."""
 
-import copy
 import importlib.util
 import unittest
 import warnings
@@ -8,8 +7,8 @@ from unittest import mock
 
 import torch
 import torch.nn.functional as F
+from samples import per_example_model_grads
 
-import persample
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None
 
@@ -23,17 +22,6 @@ def stock_model():
         torch.nn.Flatten(),
         torch.nn.Linear(8 * 4 * 4, 3),
     )
-
-
-def per_example_grads(model, x, y):
-    ref = copy.deepcopy(model).double()
-    out = {k: [] for k, _ in ref.named_parameters()}
-    for xi, yi in zip(x.double(), y):
-        ref.zero_grad()
-        F.cross_entropy(ref(xi[None]), yi[None]).backward()
-        for k, p in ref.named_parameters():
-            out[k].append(p.grad.clone())
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 @unittest.skipUnless(HAS_OPACUS, "opacus is not installed (pip install 'persample[opacus]')")
@@ -54,7 +42,7 @@ class TestOpacus(unittest.TestCase):
     def test_hooks_mode_matches_per_example_loop(self):
         import persample.opacus  # noqa: F401
 
-        ref = per_example_grads(stock_model(), self.x, self.y)
+        ref = per_example_model_grads(stock_model(), self.x, self.y)
         for reduction in ("mean", "sum"):
             got = self._grad_samples(persample.convert_group_norm(stock_model()), reduction)
             for name in ref:
@@ -83,7 +71,7 @@ class TestOpacus(unittest.TestCase):
             got = self._grad_samples(stock_model())
         finally:
             persample.opacus.register_grad_sampler(torch.nn.GroupNorm)(stock_sampler)
-        ref = per_example_grads(stock_model(), self.x, self.y)
+        ref = per_example_model_grads(stock_model(), self.x, self.y)
         torch.testing.assert_close(got["1.weight"].double(), ref["1.weight"], rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(got["1.bias"].double(), ref["1.bias"], rtol=1e-4, atol=1e-6)
 

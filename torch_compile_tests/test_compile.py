@@ -2,7 +2,6 @@
 recorded forward/backward graphs, error messages and torch.func transforms."""
 
 import re
-import unittest
 import warnings
 
 import torch
