@@ -112,7 +112,7 @@ def _fast_ok(input, num_groups, params):
         if p.device != device or (p.dtype != dtype and (p.dtype != torch.float32 or dtype not in _REDUCED)):
             return False
         ps = p.shape
-        if not (ps == (c,) or ps == (n, c)) or type(ps[0]) is not int:
+        if not (tuple.__eq__(ps, (c,)) or tuple.__eq__(ps, (n, c))) or type(ps[0]) is not int:
             return False
     return True
 
