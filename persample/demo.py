@@ -1,9 +1,12 @@
 """DP-SGD on scikit-learn's bundled digits with a GroupNorm CNN, through persample.
 
 The private step — per-sample gradients of every parameter with
-``torch.func.vmap(grad)`` (GroupNorm's through ``persample::group_norm``), per-sample
-clipping to ``max_grad_norm``, the sum, Gaussian noise and the SGD update — runs as one
-``torch.compile(fullgraph=True)`` graph. Batches are Poisson-sampled, so their size
+``torch.func.vmap(grad)`` over a model whose GroupNorm layers are
+``persample.nn.GroupNorm``, per-sample clipping to ``max_grad_norm``, the sum, Gaussian
+noise and the SGD update — runs as one ``torch.compile(fullgraph=True)`` graph. (Eagerly,
+``--no-compile``, and in the check before training, the layers run the persample ops;
+compiled under ``vmap(grad)`` they lower to ATen's GroupNorm on the per-sample view,
+which inductor fuses: see ``persample.ops.functional.use_aten``.) Batches are Poisson-sampled, so their size
 varies; they are padded to one fixed size with a mask, so no batch recompiles.
 Privacy is accounted with Opacus's RDP accountant.
 """
