@@ -25,10 +25,9 @@ a fifth of a small GroupNorm).
 import contextlib
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
-
-import torch.autograd.forward_ad as fwAD
 
 from . import composite
 from .cpu import group_norm_backward_cpu, group_norm_cpu
