@@ -51,6 +51,10 @@ def use_aten(input):
 
 def aten_group_norm(input, num_groups, weight, bias, eps):
     """The same function as ATen ops, through the per-sample view (see aten_kernels)."""
+    # Contiguous first: torch 2.14.1 fails to trace GroupNorm's decomposition under
+    # vmap(grad) for channels_last input ("view size is not compatible", stock
+    # F.group_norm included); inductor makes the copy free (measured).
+    input = input.contiguous()
     if all(p is None or p.dim() == 1 for p in (weight, bias)):
         return torch.nn.functional.group_norm(input, num_groups, weight, bias, eps)
     n, c = input.shape[0], input.shape[1]
