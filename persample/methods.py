@@ -80,32 +80,19 @@ def expanded_weights(case):
     return step
 
 
-def _opacus(layer):
+def _opacus(case, layer):
+    """Opacus hooks mode (GradSampleModule) around ``layer``."""
     try:
         from opacus import GradSampleModule
     except ImportError as e:
         raise Unavailable("opacus is not installed (pip install 'persample[opacus]')") from e
     import persample.opacus  # noqa: F401  (registers the persample sampler)
 
-    return GradSampleModule(layer)
-
-
-def opacus_stock(case):
-    gsm = _opacus(case.stock_copy())
+    gsm = GradSampleModule(layer)
 
     def step():
         case.backward(gsm(case.x))
-        gsm.zero_grad(set_to_none=True)
-
-    return step
-
-
-def opacus_persample(case):
-    gsm = _opacus(case.persample_copy())
-
-    def step():
-        case.backward(gsm(case.x))
-        gsm.zero_grad(set_to_none=True)
+        gsm.zero_grad(set_to_none=True)  # also drops grad_sample
 
     return step
 
@@ -129,8 +116,8 @@ METHODS = {
     "persample_compiled": persample_compiled,
     "persample_grad_sample": persample_grad_sample,
     "expanded_weights": expanded_weights,
-    "opacus_stock": opacus_stock,
-    "opacus_persample": opacus_persample,
+    "opacus_stock": lambda case: _opacus(case, case.stock_copy()),
+    "opacus_persample": lambda case: _opacus(case, case.persample_copy()),
     "func_stock": lambda case: _func(case, case.stock_copy(), False),
     "func_persample": lambda case: _func(case, case.persample_copy(), False),
     "func_stock_compiled": lambda case: _func(case, case.stock_copy(), True),
