@@ -83,6 +83,14 @@ def _grad_modes_on():
         yield
 
 
+def _apply(function, *args):
+    """``function.apply``; torch.func admits a single-level Function only when told to."""
+    if torch._C._are_functorch_transforms_active():
+        with enable_single_level_autograd_function():
+            return function.apply(*args)
+    return function.apply(*args)
+
+
 class GroupNormAutograd(_SingleLevelFunction):
     @staticmethod
     def forward(ctx, keyset, input, num_groups, weight, bias, eps):
@@ -169,10 +177,7 @@ def _group_norm_autograd(keyset, input, num_groups, weight=None, bias=None, eps=
         if kernels is not None:
             return kernels[0](input, num_groups, weight, bias, eps)
         return group_norm_op.redispatch(below, input, num_groups, weight, bias, eps)
-    if torch._C._are_functorch_transforms_active():
-        with enable_single_level_autograd_function():
-            return GroupNormAutograd.apply(below, input, num_groups, weight, bias, eps)
-    return GroupNormAutograd.apply(below, input, num_groups, weight, bias, eps)
+    return _apply(GroupNormAutograd, below, input, num_groups, weight, bias, eps)
 
 
 class GroupNormBackwardAutograd(_SingleLevelFunction):
@@ -218,10 +223,7 @@ def _group_norm_backward_autograd(
         or (weight is not None and weight.requires_grad)
     ):
         return group_norm_backward_op.redispatch(below, *args)
-    if torch._C._are_functorch_transforms_active():
-        with enable_single_level_autograd_function():
-            return GroupNormBackwardAutograd.apply(below, *args)
-    return GroupNormBackwardAutograd.apply(below, *args)
+    return _apply(GroupNormBackwardAutograd, below, *args)
 
 
 lib.impl("group_norm", _group_norm_autograd, "Autograd", with_keyset=True)

@@ -9,11 +9,12 @@ pay for this; the ops themselves run the fast kernels.
 
 import torch
 
+from .checks import acc_dtype
 
-def _stats(input, num_groups, eps):
-    n = input.shape[0]
-    acc = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
-    x = input.to(acc).reshape(n, num_groups, -1)
+
+def stats(input, num_groups, eps):
+    """``(x as [N, G, D*L] in the accumulation dtype, mean, rstd)``, both ``[N, G, 1]``."""
+    x = input.to(acc_dtype(input.dtype)).reshape(input.shape[0], num_groups, -1)
     var, mean = torch.var_mean(x, dim=2, correction=0, keepdim=True)
     return x, mean, torch.rsqrt(var + eps)
 
@@ -25,7 +26,7 @@ def forward_jvp(input, weight, bias, num_groups, eps, tangents):
     d y = d x_hat * w + x_hat * dw + db."""
     n, c = input.shape[0], input.shape[1]
     dx, dw, db = tangents
-    x, mean, rstd = _stats(input, num_groups, eps)
+    x, mean, rstd = stats(input, num_groups, eps)
     x_hat = (x - mean) * rstd
     out = torch.zeros_like(x_hat)
     if dx is not None:
@@ -47,14 +48,13 @@ def explicit_backward(grad_out, input, weight, num_groups, eps, output_mask):
     ``weight`` is a ``[C]`` or ``[N, C]`` tensor (ones when the op had none).
     """
     n, c = input.shape[0], input.shape[1]
-    x, mean, rstd = _stats(input, num_groups, eps)
+    x, mean, rstd = stats(input, num_groups, eps)
     dy = grad_out.to(x.dtype).reshape(n, num_groups, -1)
-    acc = x.dtype
     x_hat = (x - mean) * rstd
     spatial = (n, c, -1)
     outs = []
     if output_mask[0]:
-        g = (dy.reshape(spatial) * weight.expand(n, c).to(acc).unsqueeze(-1)).reshape(dy.shape)
+        g = (dy.reshape(spatial) * weight.expand(n, c).to(x.dtype).unsqueeze(-1)).reshape(dy.shape)
         gi = rstd * (g - g.mean(2, keepdim=True) - x_hat * (g * x_hat).mean(2, keepdim=True))
         outs.append(gi.reshape(input.shape).to(input.dtype))
     if output_mask[1]:

@@ -16,6 +16,7 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 
 from . import nn as _nn
+from .ops.composite import stats
 from .ops.library import group_norm_backward_op
 
 __all__ = ["compute_group_norm_grad_sample", "register_for_torch_group_norm"]
@@ -25,10 +26,8 @@ def _statistics(layer, x):
     saved = _nn.pop_stats(layer, x) if isinstance(layer, _nn.GroupNorm) else None
     if saved is not None:
         return saved
-    n, groups = x.shape[0], layer.num_groups
-    acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-    var, mean = torch.var_mean(x.reshape(n, groups, -1).to(acc), dim=2, correction=0)
-    return mean, torch.rsqrt(var + layer.eps)
+    _, mean, rstd = stats(x, layer.num_groups, layer.eps)
+    return mean.squeeze(-1), rstd.squeeze(-1)
 
 
 @register_grad_sampler(_nn.GroupNorm)
