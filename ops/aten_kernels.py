@@ -48,15 +48,23 @@ def _as(p, dtype):
 
 
 def _flat(p, n, c, dtype):
-    """``[N*C]`` form of a ``[C]`` or ``[N, C]`` parameter."""
+    """``[N*C]`` form of a ``[C]`` or ``[N, C]`` parameter, dense."""
     if p is None:
         return None
-    return _as(p, dtype).expand(n, c).reshape(n * c)
+    if p.dtype != dtype:
+        p = p.to(dtype)
+    # reshape() may return a strided view, which ATen would misread.
+    return p.repeat(n) if p.dim() == 1 else p.reshape(n * c).contiguous()
 
 
 def _bcast(t, input):
     """``[N, C]`` -> ``[N, C, 1, ...]``, to broadcast against ``input``."""
     return t.view(t.shape + (1,) * (input.dim() - 2))
+
+
+# ATen's GroupNorm kernels take N, C and HxW as arguments and check only numel() against
+# them, so the per-sample view is passed as (N, C, HxW) = (1, N*C, L) on the tensors as
+# they are: no reshaping, which costs ~1 us a view at small shapes.
 
 
 def forward(input, num_groups, weight, bias, eps):
@@ -65,18 +73,15 @@ def forward(input, num_groups, weight, bias, eps):
     channels_last = not input.is_contiguous()
     w_row, b_row = shared_row(weight, channels_last), shared_row(bias, channels_last)
     shared = (w_row is not None or weight is None) and (b_row is not None or bias is None)
-    if shared or input.is_contiguous():
-        if shared:  # any layout: ATen's own kernels
-            w, b, nc, groups, x = _as(w_row, dtype), _as(b_row, dtype), c, num_groups, input
-        else:  # the per-sample view
-            w, b = _flat(weight, n, c, dtype), _flat(bias, n, c, dtype)
-            nc, groups, x = n * c, n * num_groups, input.view(1, n * c, length)
+    if shared:  # any layout: ATen's own kernels
+        w, b = _as(w_row, dtype), _as(b_row, dtype)
         if w is None and b is None and dtype != input.dtype:
-            w = input.new_ones((nc,), dtype=dtype)
-        out, mean, rstd = torch.native_group_norm(x, w, b, x.shape[0], nc, length, groups, eps)
-        if shared:
-            return out, mean, rstd
-        return out.view(input.shape), mean.view(n, num_groups), rstd.view(n, num_groups)
+            w = input.new_ones((c,), dtype=dtype)
+        return torch.native_group_norm(input, w, b, n, c, length, num_groups, eps)
+    if not channels_last:  # the per-sample view
+        w, b = _flat(weight, n, c, dtype), _flat(bias, n, c, dtype)
+        out, mean, rstd = torch.native_group_norm(input, w, b, 1, n * c, length, n * num_groups, eps)
+        return out, mean.view(n, num_groups), rstd.view(n, num_groups)
     # Per-sample params on channels_last: normalise with ATen, then one affine pass.
     ones = input.new_ones((c,), dtype=dtype) if dtype != input.dtype else None
     out, mean, rstd = torch.native_group_norm(input, ones, None, n, c, length, num_groups, eps)
@@ -88,7 +93,8 @@ def forward(input, num_groups, weight, bias, eps):
 
 
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    """Contiguous layout: the [1, N*C, L] view. Returns per-sample ``[N, C]`` grads."""
+    """Contiguous layout, on the per-sample view. Returns grad_input and per-sample
+    ``[N, C]`` grads, each None where ``output_mask`` says so."""
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
     w = _flat(weight, n, c, dtype)
@@ -97,18 +103,20 @@ def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     # contiguous() throughout: ATen's backward reads every argument as a dense array
     # without checking strides, and autograd hands in expanded (stride-0) grad_outs.
     gi, gw, gb = _aten_backward(
-        grad_out.contiguous().view(1, n * c, length),
-        input.view(1, n * c, length),
-        mean.contiguous().view(1, n * num_groups),
-        rstd.contiguous().view(1, n * num_groups),
-        w,
-        1,
-        n * c,
-        length,
-        n * num_groups,
-        output_mask,
+        grad_out.contiguous(), input, mean.contiguous(), rstd.contiguous(), w,
+        1, n * c, length, n * num_groups, output_mask,
     )
-    return _finish(input, weight, output_mask, gi.view(input.shape) if output_mask[0] else gi, gw, gb)
+    return gi, _param_grad(gw, input, weight), _param_grad(gb, input, weight)
+
+
+def _param_grad(g, input, weight):
+    """ATen's ``[N*C]`` gradient of the view's weight as the ``[N, C]`` per-sample one,
+    in the dtype the backward op declares."""
+    if g is None:
+        return None
+    g = g.view(input.shape[0], input.shape[1])
+    dtype = grad_param_dtype(input, weight)
+    return g if g.dtype == dtype else g.to(dtype)
 
 
 def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, output_mask):
@@ -117,35 +125,42 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
     mean, rstd = mean.contiguous(), rstd.contiguous()
+    # One layout for everything: ATen crashes when grad_out's layout differs from
+    # input's (seen with float64), and the reductions below want dense rows.
+    grad_out = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
     gi = None
     if output_mask[0]:
-        # ATen crashes when grad_out's layout differs from input's (seen with float64).
-        dy = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
-        w = shared_row(weight, by_value=True)
+        dy, w = grad_out, shared_row(weight, by_value=True)
         if w is None and weight is not None:
             # A truly per-sample gamma scales grad_out before the normalisation's backward.
             dy = (dy * _bcast(_as(weight, dtype), input)).to(input.dtype)
         w = input.new_ones((c,), dtype=dtype) if w is None else _as(w, dtype)
         gi = _aten_backward(dy, input, mean, rstd, w, n, c, length, num_groups, [True, False, False])[0]
-    dims = tuple(range(2, input.dim()))
     gw = gb = None
     if output_mask[1] or output_mask[2]:
-        gb = grad_out.sum(dims, dtype=dtype)
+        # [N, L, C]: channels_last memory as it lies, so the sums over L run on dense
+        # rows (measured ~20% faster than summing the strided spatial dims).
+        dy_rows = grad_out.movedim(1, -1).reshape(n, length, c)
+        gb = dy_rows.sum(1, dtype=dtype)
     if output_mask[1]:
         d = c // num_groups
-        ds = (grad_out.to(dtype) * input.to(dtype)).sum(dims)
+        x_rows = input.movedim(1, -1).reshape(n, length, c)
+        ds = (dy_rows.to(dtype) * x_rows.to(dtype)).sum(1)
         gw = (ds - gb * mean.repeat_interleave(d, 1)) * rstd.repeat_interleave(d, 1)
-    return _finish(input, weight, output_mask, gi, gw, gb)
+    return gi, _param_grad(gw, input, weight), _param_grad(gb if output_mask[2] else None, input, weight)
 
 
-def _finish(input, weight, output_mask, gi, gw, gb):
-    """Masked outputs become empty placeholders; param grads take their declared dtype."""
+def with_placeholders(input, weight, output_mask, grads):
+    """The backward op's outputs: a masked-out gradient is an empty tensor (the schema
+    returns Tensor, not Tensor?)."""
+    gi, gw, gb = grads
+    if gi is not None and gw is not None and gb is not None:
+        return grads
     dtype = grad_param_dtype(input, weight)
-    n, c = input.shape[0], input.shape[1]
     return (
         gi if output_mask[0] else input.new_empty((0,)),
-        _as(gw.view(n, c), dtype) if output_mask[1] else input.new_empty((0,), dtype=dtype),
-        _as(gb.view(n, c), dtype) if output_mask[2] else input.new_empty((0,), dtype=dtype),
+        gw if output_mask[1] else input.new_empty((0,), dtype=dtype),
+        gb if output_mask[2] else input.new_empty((0,), dtype=dtype),
     )
 
 
@@ -159,7 +174,7 @@ def empty_backward(input, weight, output_mask, fmt):
     dtype = grad_param_dtype(input, weight)
     per_sample = (input.shape[0], input.shape[1])
     return (
-        torch.empty_like(input, memory_format=fmt) if output_mask[0] else input.new_empty((0,)),
-        input.new_zeros(per_sample if output_mask[1] else (0,), dtype=dtype),
-        input.new_zeros(per_sample if output_mask[2] else (0,), dtype=dtype),
+        torch.empty_like(input, memory_format=fmt) if output_mask[0] else None,
+        input.new_zeros(per_sample, dtype=dtype) if output_mask[1] else None,
+        input.new_zeros(per_sample, dtype=dtype) if output_mask[2] else None,
     )

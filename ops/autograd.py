@@ -30,15 +30,16 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
 from . import composite
-from .cpu import group_norm_backward_cpu, group_norm_cpu
-from .cuda import group_norm_backward_cuda, group_norm_cuda
+from .cpu import backward_cpu, group_norm_cpu
+from .cuda import backward_cuda, group_norm_cuda
 from .library import group_norm_backward_op, group_norm_op, lib
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 _KEY = torch._C.DispatchKey
+# (forward kernel, backward kernel's unchecked body)
 _BACKEND_KERNELS = {
-    _KEY.CPU: (group_norm_cpu, group_norm_backward_cpu),
-    _KEY.CUDA: (group_norm_cuda, group_norm_backward_cuda),
+    _KEY.CPU: (group_norm_cpu, backward_cpu),
+    _KEY.CUDA: (group_norm_cuda, backward_cuda),
 }
 
 
@@ -50,20 +51,35 @@ def _backend_kernels(keyset):
     Calling them directly is that same dispatch without two Python-to-C++ round trips,
     which cost ~20 us each on a cold cache at large shapes (measured).
     """
-    # Both are fallthroughs for these ops (BackendSelect only serves factory functions).
-    below = (keyset & _BELOW_AUTOGRAD).remove(_KEY.ADInplaceOrView).remove(_KEY.BackendSelect)
-    return _BACKEND_KERNELS.get(below.highestPriorityTypeId())
+    raw = keyset.raw_repr()
+    try:
+        return _KERNELS_BY_KEYSET[raw]
+    except KeyError:
+        # Both are fallthroughs for these ops (BackendSelect only serves factory functions).
+        below = (keyset & _BELOW_AUTOGRAD).remove(_KEY.ADInplaceOrView).remove(_KEY.BackendSelect)
+        kernels = _KERNELS_BY_KEYSET[raw] = _BACKEND_KERNELS.get(below.highestPriorityTypeId())
+        return kernels
 
 
-def _plain_backend(*tensors):
-    """The backend kernels for a call on these tensors, as the dispatcher would pick
-    them (thread-local modes included), or None."""
-    keyset = torch._C._dispatch_tls_local_include_set()
-    for t in tensors:
-        if t is not None:
-            keyset = keyset | torch._C._dispatch_keys(t)
-    keyset = keyset - torch._C._dispatch_tls_local_exclude_set()
-    return _backend_kernels(keyset)
+# Keyset arithmetic from Python costs ~3 us a call; the answers are few, so keep them.
+_KERNELS_BY_KEYSET = {}
+_KERNELS_BY_TLS_AND_KEYS = {}
+
+
+def _plain_backend(grad_out, input, weight):
+    """The backend kernels for a backward call on these tensors, as the dispatcher would
+    pick them (thread-local modes included), or None."""
+    tls = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    keys = [torch._C._dispatch_keys(t) for t in (grad_out, input, weight) if t is not None]
+    raw = tuple(k.raw_repr() for k in (*tls, *keys))
+    try:
+        return _KERNELS_BY_TLS_AND_KEYS[raw]
+    except KeyError:
+        keyset = tls[0]
+        for k in keys:
+            keyset = keyset | k
+        kernels = _KERNELS_BY_TLS_AND_KEYS[raw] = _backend_kernels(keyset - tls[1])
+        return kernels
 
 
 def _outer_levels_differentiate():
@@ -131,29 +147,27 @@ class GroupNormAutograd(_SingleLevelFunction):
             return None, None, None, None, None, None
         input, mean, rstd, weight = ctx.saved_tensors
         _, need_input, _, need_weight, need_bias, _ = ctx.needs_input_grad
-        args = (grad_out, input, mean, rstd, weight, ctx.num_groups,
-                [need_input, need_weight, need_bias], ctx.eps)
+        mask = [need_input, need_weight, need_bias]
         # Without create_graph the op's Autograd kernel would only redispatch: go straight
-        # to the backend kernel when the dispatcher would pick it too.
-        direct = ctx.backend_kernels is not None and not torch.is_grad_enabled()
-        if direct and _plain_backend(grad_out, input, weight) is ctx.backend_kernels:
-            gi, gw, gb = ctx.backend_kernels[1](*args)
+        # to the backend kernel when the dispatcher would pick it too. Autograd has
+        # already matched grad_out to the output, so the op's validation is moot there.
+        kernels = ctx.backend_kernels
+        if (kernels is not None and not torch.is_grad_enabled()
+                and _plain_backend(grad_out, input, weight) is kernels):
+            gi, gw, gb = kernels[1](grad_out, input, mean, rstd, weight, ctx.num_groups, mask)
         else:
-            gi, gw, gb = group_norm_backward_op(*args)
-        if need_weight and ctx.sum_weight:
+            gi, gw, gb = group_norm_backward_op(
+                grad_out, input, mean, rstd, weight, ctx.num_groups, mask, ctx.eps
+            )
+            gi, gw, gb = (g if need else None for g, need in zip((gi, gw, gb), mask))
+        if gw is not None and ctx.sum_weight:
             gw = gw.sum(0)
-        if need_bias:
-            gb = gb.sum(0) if ctx.sum_bias else gb
+        if gb is not None:
+            if ctx.sum_bias:
+                gb = gb.sum(0)
             if gb.dtype != ctx.bias_dtype:
                 gb = gb.to(ctx.bias_dtype)
-        return (
-            None,
-            gi if need_input else None,
-            None,
-            gw if need_weight else None,
-            gb if need_bias else None,
-            None,
-        )
+        return None, gi, None, gw, gb, None
 
 
 def _has_tangent(*tensors):

@@ -9,11 +9,14 @@ from .library import lib
 
 def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
     check_group_norm(input, num_groups, weight, bias, eps)
+    if input.is_contiguous():
+        if input.numel() == 0:
+            return k.empty_forward(input, num_groups, torch.contiguous_format)
+        return k.forward(input, num_groups, weight, bias, eps)
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_forward(input, num_groups, fmt)
-    input = _dense(input, fmt)
-    out, mean, rstd = k.forward(input, num_groups, weight, bias, eps)
+    out, mean, rstd = k.forward(_dense(input, fmt), num_groups, weight, bias, eps)
     return _in_format(out, fmt), mean, rstd
 
 
@@ -21,6 +24,17 @@ def group_norm_backward_cpu(
     grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
 ):
     check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
+    grads = backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+    return k.with_placeholders(input, weight, output_mask, grads)
+
+
+def backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """The backward kernel without validation or placeholders, for callers whose
+    arguments autograd has already matched (a masked-out gradient is None)."""
+    if input.is_contiguous():
+        if input.numel() == 0:
+            return k.empty_backward(input, weight, output_mask, torch.contiguous_format)
+        return k.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, fmt)
@@ -34,7 +48,7 @@ def group_norm_backward_cpu(
         gi, gw, gb = k.backward_channels_last(
             grad_out, input, mean, rstd, weight, num_groups, output_mask
         )
-    return (_in_format(gi, fmt) if output_mask[0] else gi), gw, gb
+    return (None if gi is None else _in_format(gi, fmt)), gw, gb
 
 
 def _dense(input, fmt):

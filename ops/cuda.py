@@ -34,13 +34,19 @@ def group_norm_backward_cuda(
     grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
 ):
     check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
+    grads = backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+    return k.with_placeholders(input, weight, output_mask, grads)
+
+
+def backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """The backward kernel without validation or placeholders (see cpu.backward_cpu)."""
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, output_memory_format(input))
     gi, gw, gb = k.backward(
         _up(grad_out), _up(input).contiguous(), mean, rstd, _up(weight), num_groups, output_mask
     )
     dtype = grad_param_dtype(input, weight)
-    return gi.to(input.dtype), gw.to(dtype), gb.to(dtype)
+    return tuple(None if g is None else g.to(t) for g, t in ((gi, input.dtype), (gw, dtype), (gb, dtype)))
 
 
 lib.impl("group_norm", group_norm_cuda, "CUDA")

@@ -78,9 +78,15 @@ def run_shape(shape, channels_last, rounds, device, wanted):
             steps[name] = M.METHODS[name](case)
         except M.Unavailable as why:
             skipped[name] = str(why)
-    for step in steps.values():  # warm-up: compiles, caches
-        step()
-        step()
+    for name, step in list(steps.items()):  # warm-up: compiles, caches
+        try:
+            step()
+            step()
+        except Exception as e:  # noqa: BLE001  (a peer's own bug must not end the run)
+            if name == "plain":
+                raise
+            del steps[name]
+            skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
     times = time_methods(steps, rounds, device)
     plain = times["plain"]
     return {
@@ -99,20 +105,27 @@ def _gmean(values):
     return math.exp(sum(map(math.log, values)) / len(values))
 
 
+def _names(rows):
+    """Every measured method, in the order the rows give them."""
+    return list(dict.fromkeys(n for r in rows for n in r["ratio_to_plain"]))
+
+
 def summary(rows):
-    """Geometric means over shapes of each method's ratio to plain."""
-    names = [n for n in rows[0]["ratio_to_plain"]]
-    return {n: _gmean([r["ratio_to_plain"][n] for r in rows]) for n in names}
+    """Geometric means over shapes of each method's ratio to plain, for the methods that
+    ran on every shape (a mean over fewer shapes would not compare)."""
+    return {n: _gmean([r["ratio_to_plain"][n] for r in rows]) for n in _names(rows)
+            if all(n in r["ratio_to_plain"] for r in rows)}
 
 
 def report(rows, header):
     print(header)
-    names = list(rows[0]["ratio_to_plain"])
+    names = _names(rows)
     print("per-sample forward+backward: median ms (ratio to plain nn.GroupNorm)")
     print(f"{'N,C,H,W,G':<16}{'layout':<7}" + "".join(f"{n:>24}" for n in names))
     for row in rows:
         cells = "".join(
-            f"{row['ms'][n]:>15.3f} ({row['ratio_to_plain'][n]:>5.2f})" for n in names
+            f"{row['ms'][n]:>15.3f} ({row['ratio_to_plain'][n]:>5.2f})" if n in row["ms"]
+            else f"{'-':>24}" for n in names
         )
         layout = "NHWC" if row["channels_last"] else "NCHW"
         print(f"{','.join(map(str, row['shape'])):<16}{layout:<7}{cells}")
@@ -121,8 +134,10 @@ def report(rows, header):
     if "expanded_weights" in means:
         print(f"persample speed-up over ExpandedWeights: "
               f"{means['expanded_weights'] / means['persample']:.2f}x")
-    for name, why in rows[0]["skipped"].items():
-        print(f"skipped {name}: {why}")
+    for row in rows:
+        for name, why in row["skipped"].items():
+            print(f"skipped {name} at {','.join(map(str, row['shape']))}"
+                  f"{' NHWC' if row['channels_last'] else ''}: {why}")
 
 
 def plot(rows, path):
@@ -132,14 +147,14 @@ def plot(rows, path):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, ScalarFormatter
 
-    names = list(rows[0]["ratio_to_plain"])
+    names = _names(rows)
     labels = [",".join(map(str, r["shape"])) + (" NHWC" if r["channels_last"] else "") for r in rows]
     colors = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(names)
     for i, name in enumerate(names):
         ax.bar([j + i * width for j in range(len(rows))],
-               [r["ratio_to_plain"][name] for r in rows], width, label=name, color=colors[i % 20])
+               [r["ratio_to_plain"].get(name, 0) for r in rows], width, label=name, color=colors[i % 20])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], labels, fontsize=8)
     ax.set_yscale("log")
     ax.yaxis.set_major_locator(FixedLocator([0.5, 0.75, 1, 1.5, 2, 3, 4, 6]))

@@ -71,6 +71,29 @@ class TestMissingPackage(unittest.TestCase):
         self.assertEqual(row["skipped"], {"opacus_stock": "opacus is not installed"})
         self.assertEqual(set(row["ms"]), {"plain"})
 
+    def test_failing_method_is_reported_and_left_out_of_the_means(self):
+        def broken(case):
+            def step():
+                raise RuntimeError("Expected X.is_contiguous(memory_format)\nmore")
+
+            return step if case.n == 2 else methods.METHODS["persample"](case)
+
+        saved = dict(methods.METHODS)
+        methods.METHODS.clear()
+        methods.METHODS.update(plain=saved["plain"], persample=saved["persample"], broken=broken)
+        try:
+            rows = [bench.run_shape((n, 4, 3, 3, 2), False, 1, bench.torch.device("cpu"), list(methods.METHODS))
+                    for n in (2, 3)]
+            with contextlib.redirect_stdout(io.StringIO()) as out:
+                bench.report(rows, "header")
+        finally:
+            methods.METHODS.clear()
+            methods.METHODS.update(saved)
+        self.assertEqual(rows[0]["skipped"], {"broken": "failed: RuntimeError: Expected X.is_contiguous(memory_format)"})
+        self.assertIn("broken", rows[1]["ms"])
+        self.assertEqual(set(bench.summary(rows)), {"plain", "persample"})
+        self.assertIn("skipped broken at 2,4,3,3,2: failed: RuntimeError", out.getvalue())
+
 
 if __name__ == "__main__":
     unittest.main()

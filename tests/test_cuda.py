@@ -195,5 +195,56 @@ class TestCudaDevice(TestCase):
             )
 
 
+@no_cuda
+class TestCudaCompiled(TestCase):
+    """Inductor on the GPU generates Triton code around the ops; CPU CI never does."""
+
+    def setUp(self):
+        super().setUp()
+        torch._dynamo.reset()
+
+    def test_compiled_per_sample_grads(self):
+        from torch.func import functional_call
+        from torch_compile_tests.models import batch, loss_fn, make_models, per_example_grads, per_sample_leaves
+
+        model, stock = (m.cuda() for m in make_models())
+
+        def loss(x, y, w, b):
+            return loss_fn(functional_call(model, {"gn.weight": w, "gn.bias": b}, (x,)), y)
+
+        compiled = torch.compile(loss, fullgraph=True)
+        for n in (4, 6, 9):
+            x, y = (t.cuda() for t in batch(n))
+            expected = per_example_grads(stock, x, y)
+            w, b = per_sample_leaves(model.gn, n)
+            compiled(x, y, w, b).backward()
+            self.assertEqual(w.grad, expected["gn.weight"], atol=1e-4, rtol=1e-4)
+            self.assertEqual(b.grad, expected["gn.bias"], atol=1e-4, rtol=1e-4)
+
+    def test_compiled_vmap_grad(self):
+        from torch.func import grad, vmap
+
+        def per_sample_loss(w, b, x, t):
+            return F.mse_loss(persample.group_norm(x[None], 2, w, b), t[None], reduction="sum")
+
+        w, b = torch.rand(6, device="cuda") + 0.5, torch.randn(6, device="cuda")
+        x, t = torch.randn(5, 6, 4, 4, device="cuda"), torch.randn(5, 6, 4, 4, device="cuda")
+        fn = vmap(grad(per_sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))
+        eager, compiled = fn(w, b, x, t), torch.compile(fn, fullgraph=True)(w, b, x, t)
+        ref = [
+            torch.stack(g)
+            for g in zip(*(
+                torch.autograd.grad(
+                    F.mse_loss(F.group_norm(xi[None], 2, wd, bd), ti[None], reduction="sum"), (wd, bd)
+                )
+                for xi, ti in zip(cpu(x).double(), cpu(t).double())
+                for wd, bd in [(cpu(w).double().requires_grad_(), cpu(b).double().requires_grad_())]
+            ))
+        ]
+        for got in (eager, compiled):
+            for g, r in zip(got, ref):
+                self.assertEqual(cpu(g), r, exact_dtype=False, atol=1e-4, rtol=1e-4)
+
+
 if __name__ == "__main__":
     unittest.main()

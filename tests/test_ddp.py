@@ -7,7 +7,6 @@ The update must equal a single process computing the same on the concatenated ba
 """
 
 import os
-import socket
 import tempfile
 import unittest
 
@@ -59,9 +58,9 @@ def _clipped_sum(model, ddp, x, y):
     return {k: p.grad for k, p in model.named_parameters()}
 
 
-def _worker(rank, port, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+def _worker(rank, store, out):
+    # A file rendezvous: a TCP port picked in advance can be taken before the workers bind it.
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = _model()
@@ -76,18 +75,13 @@ def _worker(rank, port, out):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TestDDP(unittest.TestCase):
     @unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "needs gloo")
     def test_clipped_update_matches_single_process(self):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "rank0.pt")
-            mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+            store = os.path.join(tmp, "rendezvous")
+            mp.spawn(_worker, args=(store, out), nprocs=WORLD, join=True)
             distributed = torch.load(out)
         model = _model()
         x, y = _data()
