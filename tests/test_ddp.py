@@ -7,6 +7,7 @@ The update must equal a single process computing the same on the concatenated ba
 """
 
 import os
+import sys
 import tempfile
 import unittest
 
@@ -60,6 +61,9 @@ def _clipped_sum(model, ddp, x, y):
 
 def _worker(rank, store, out):
     # A file rendezvous: a TCP port picked in advance can be taken before the workers bind it.
+    if sys.platform.startswith("linux"):
+        # Gloo's own sockets on loopback, whatever the host name resolves to.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
