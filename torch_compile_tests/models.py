@@ -1,5 +1,6 @@
-"""The tiny model that the compile, export and AOTInductor tests share, and the
-per-example loop that serves as their ground truth for per-sample gradients."""
+"""The tiny model that the compile, export and AOTInductor tests share, a one-example
+loss over ``persample.group_norm`` for the torch.func tests, and the per-example loops
+that serve as ground truth for per-sample gradients."""
 
 import torch
 import torch.nn.functional as F
@@ -58,3 +59,19 @@ def per_example_grads(stock, x, y, names=("gn.weight", "gn.bias")):
 def per_sample_leaves(gn, n):
     """``[N, C]`` weight and bias leaves holding ``gn``'s values, whose ``.grad`` is per sample."""
     return tuple(p.detach().expand(n, -1).requires_grad_() for p in (gn.weight, gn.bias))
+
+
+def per_sample_loss(weight, bias, x, target):
+    # One example: x [C, H, W] -> the batch of one that GroupNorm expects.
+    y = persample.group_norm(x[None], 2, weight, bias)
+    return F.mse_loss(y, target[None], reduction="sum")
+
+
+def stock_loop(weight, bias, x, target):
+    """Per-example float64 gradients of :func:`per_sample_loss` over stock GroupNorm."""
+    grads = []
+    for xi, ti in zip(x.double(), target.double()):
+        w, b = weight.double().requires_grad_(), bias.double().requires_grad_()
+        loss = F.mse_loss(F.group_norm(xi[None], 2, w, b), ti[None], reduction="sum")
+        grads.append(torch.autograd.grad(loss, (w, b)))
+    return tuple(torch.stack(g) for g in zip(*grads))

@@ -3,26 +3,10 @@
 import unittest
 
 import torch
-import torch.nn.functional as F
 import torch.utils._python_dispatch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
-import persample
-
-
-def per_sample_loss(weight, bias, x, target):
-    # One example: x [C, H, W] -> the batch of one that GroupNorm expects.
-    y = persample.group_norm(x[None], 2, weight, bias)
-    return F.mse_loss(y, target[None], reduction="sum")
-
-
-def stock_loop(weight, bias, x, target):
-    grads = []
-    for xi, ti in zip(x.double(), target.double()):
-        w, b = weight.double().requires_grad_(), bias.double().requires_grad_()
-        loss = F.mse_loss(F.group_norm(xi[None], 2, w, b), ti[None], reduction="sum")
-        grads.append(torch.autograd.grad(loss, (w, b)))
-    return tuple(torch.stack(g) for g in zip(*grads))
+from torch_compile_tests.models import per_sample_loss, stock_loop
 
 
 class TestTorchFuncCompiled(unittest.TestCase):
