@@ -11,7 +11,7 @@ which keeps the saved statistics in fp32 instead of rounding them to the input d
 
 import torch
 
-from .checks import acc_dtype, grad_param_dtype
+from .checks import acc_dtype, check_group_norm_backward, grad_param_dtype
 
 _aten_backward = torch.ops.aten.native_group_norm_backward.default
 
@@ -150,9 +150,21 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
     return gi, _param_grad(gw, input, weight), _param_grad(gb if output_mask[2] else None, input, weight)
 
 
-def with_placeholders(input, weight, output_mask, grads):
-    """The backward op's outputs: a masked-out gradient is an empty tensor (the schema
-    returns Tensor, not Tensor?)."""
+def backward_op_kernel(body):
+    """The backward op's kernel around a device's unchecked backward ``body``: the op
+    validates its arguments, which autograd's direct call (ops/autograd.py) skips."""
+
+    def kernel(grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5):
+        check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
+        grads = body(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+        return _with_placeholders(input, weight, output_mask, grads)
+
+    return kernel
+
+
+def _with_placeholders(input, weight, output_mask, grads):
+    """A masked-out gradient becomes an empty tensor (the schema returns Tensor, not
+    Tensor?)."""
     gi, gw, gb = grads
     if gi is not None and gw is not None and gb is not None:
         return grads

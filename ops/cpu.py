@@ -3,7 +3,7 @@
 import torch
 
 from . import aten_kernels as k
-from .checks import check_group_norm, check_group_norm_backward, output_memory_format
+from .checks import check_group_norm, output_memory_format
 from .library import lib
 
 
@@ -18,14 +18,6 @@ def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
         return k.empty_forward(input, num_groups, fmt)
     out, mean, rstd = k.forward(_dense(input, fmt), num_groups, weight, bias, eps)
     return _in_format(out, fmt), mean, rstd
-
-
-def group_norm_backward_cpu(
-    grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
-):
-    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
-    grads = backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask)
-    return k.with_placeholders(input, weight, output_mask, grads)
 
 
 def backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
@@ -60,6 +52,8 @@ def _dense(input, fmt):
 def _in_format(t, fmt):
     return t if fmt == torch.contiguous_format and t.is_contiguous() else t.contiguous(memory_format=fmt)
 
+
+group_norm_backward_cpu = k.backward_op_kernel(backward_cpu)
 
 lib.impl("group_norm", group_norm_cpu, "CPU")
 lib.impl("group_norm_backward", group_norm_backward_cpu, "CPU")

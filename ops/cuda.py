@@ -11,7 +11,6 @@ from . import aten_kernels as k
 from .checks import (
     acc_dtype,
     check_group_norm,
-    check_group_norm_backward,
     grad_param_dtype,
     output_memory_format,
 )
@@ -30,14 +29,6 @@ def group_norm_cuda(input, num_groups, weight=None, bias=None, eps=1e-5):
     return out.to(input.dtype), mean, rstd
 
 
-def group_norm_backward_cuda(
-    grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
-):
-    check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, eps)
-    grads = backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask)
-    return k.with_placeholders(input, weight, output_mask, grads)
-
-
 def backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     """The backward kernel without validation or placeholders (see cpu.backward_cpu)."""
     if input.numel() == 0:
@@ -48,6 +39,8 @@ def backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     dtype = grad_param_dtype(input, weight)
     return tuple(None if g is None else g.to(t) for g, t in ((gi, input.dtype), (gw, dtype), (gb, dtype)))
 
+
+group_norm_backward_cuda = k.backward_op_kernel(backward_cuda)
 
 lib.impl("group_norm", group_norm_cuda, "CUDA")
 lib.impl("group_norm_backward", group_norm_backward_cuda, "CUDA")
