@@ -83,6 +83,18 @@ class TestVmapGroupNorm(TestCase):
         self.assertEqual(out, expected)
         self.assertEqual(mode.counts, {"persample.group_norm": 1})
 
+    def test_input_batched_only_at_the_outer_level(self):
+        # At the inner level the op sees no batched tensor and passes the call outward.
+        x, s = t(B, N, C, L), t(B + 1)
+        inner = torch.vmap(lambda x, s: functional_output(x, None, None) * s, (None, 0))
+        expected = torch.stack(
+            [torch.stack([F.group_norm(x[i], G) * s[j] for j in range(B + 1)]) for i in range(B)]
+        )
+        with CountPersampleCalls() as mode:
+            out = torch.vmap(inner, (0, None))(x, s)
+        self.assertEqual(out, expected)
+        self.assertEqual(mode.counts, {"persample.group_norm": 1})
+
     def test_one_kernel_call(self):
         x, w, b, in_dims = FORWARD_CASES["batched_per_sample_params"]
         with CountPersampleCalls() as mode:
