@@ -2,6 +2,7 @@
 
 import torch
 
+from . import eager
 from .library import group_norm_op
 
 
@@ -31,6 +32,9 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
         >>> w.grad.shape
         torch.Size([8, 6])
     """
+    fast = eager.fast_op()
+    if fast is not None:
+        return fast(input, num_groups, weight, bias, eps)
     if use_aten(input):
         return aten_group_norm(input, num_groups, weight, bias, eps)
     return group_norm_op(input, num_groups, weight, bias, eps)[0]

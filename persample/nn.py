@@ -2,6 +2,7 @@
 
 import torch
 
+from .ops import eager
 from .ops.functional import aten_group_norm, use_aten
 from .ops.library import group_norm_op
 
@@ -48,10 +49,14 @@ class GroupNorm(torch.nn.GroupNorm):
             weight = weight + self._weight_sample
         if self._bias_sample is not None:
             bias = bias + self._bias_sample
+        stash = self._forward_hooks and self.training and not torch.compiler.is_compiling()
+        fast = None if stash else eager.fast_op()  # the C++ path keeps no statistics
+        if fast is not None:
+            return fast(input, self.num_groups, weight, bias, self.eps)
         if use_aten(input):
             return aten_group_norm(input, self.num_groups, weight, bias, self.eps)
         out, mean, rstd = group_norm_op(input, self.num_groups, weight, bias, self.eps)
-        if self._forward_hooks and self.training and not torch.compiler.is_compiling():
+        if stash:
             _stash_stats(self, input, mean, rstd)
         return out
 

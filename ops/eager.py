@@ -1,0 +1,65 @@
+"""The eager CPU fast path: ``persample::_eager_group_norm`` from the compiled library
+that ``setup.py`` builds out of ``ops/csrc/eager_group_norm.cpp`` (read why there).
+
+The library is optional. Without it, or with ``PERSAMPLE_DISABLE_CPP=1``, every call
+takes the public op ``persample::group_norm``, whose Python kernels compute the same
+results, slower in eager mode.
+"""
+
+import os
+import re
+import sys
+import warnings
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+
+def library_name(torch_version=torch.__version__):
+    """The library's module name: one per torch release, because C++ extensions have
+    no stable ABI across releases (``setup.py`` uses the same rule)."""
+    return "_C_torch" + re.sub(r"\W", "_", torch_version)
+
+
+def _load():
+    """The path of the loaded library, or None."""
+    if os.environ.get("PERSAMPLE_DISABLE_CPP") == "1":
+        return None
+    package_dir = os.path.dirname(sys.modules["persample"].__file__)
+    path = os.path.join(package_dir, library_name() + ".so")
+    if not os.path.exists(path):
+        return None
+    try:
+        torch.ops.load_library(path)
+    except (OSError, RuntimeError) as e:
+        warnings.warn(f"persample: cannot load {path} ({e}); using the Python kernels", stacklevel=2)
+        return None
+    return path
+
+
+LIBRARY = _load()
+"""Path of the loaded C++ library, or None when the Python kernels serve every call."""
+
+_op = torch.ops.persample._eager_group_norm.default if LIBRARY else None
+
+
+def fast_op():
+    """The C++ op when this call may take it, else None.
+
+    It is for plain eager mode only; its kernel sends calls it does not handle
+    (dispatch modes, subclasses, CUDA, reduced precision, invalid ones) to the public op.
+    What reaches or records the call before its kernel runs is checked here: dynamo, the
+    JIT tracer and torch function modes, which would record the private op; torch.func
+    transforms, which would run it under vmap's per-item fallback; and forward-mode AD,
+    which its Function does not implement.
+    """
+    if (
+        _op is None
+        or torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or torch._C._is_torch_function_mode_enabled()
+        or fwAD._current_level >= 0
+        or torch._C._get_tracing_state() is not None
+    ):
+        return None
+    return _op

@@ -1,0 +1,216 @@
+"""The C++ eager fast path (ops/csrc/eager_group_norm.cpp): it agrees with the public
+op's Python kernels and with the float64 per-example reference, and it is taken exactly
+when it should be."""
+
+import os
+import subprocess
+import sys
+import unittest
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.testing._internal.common_utils import TestCase, run_tests
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import persample
+from persample.ops import eager
+from samples import CASES, TOL, group_norm_op, make_input, make_param, reference
+
+FAST_NODE = "torch::autograd::CppNode<persample::EagerGroupNorm>"
+BUILT = eager.LIBRARY is not None
+needs_library = unittest.skipUnless(BUILT, "the C++ library is not built (see setup.py)")
+
+# (input requires grad, params require grad): every combination autograd can ask for.
+GRAD_SETS = ((True, True), (True, False), (False, True))
+
+
+def node_name(y):
+    return "" if y.grad_fn is None else y.grad_fn.name()
+
+
+class RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+class TestLibrary(unittest.TestCase):
+    def test_built_where_required(self):
+        # scripts/test.sh builds the library and sets this, so that a failed build
+        # (setup.py builds it as optional) cannot pass CI on the Python kernels alone.
+        if os.environ.get("PERSAMPLE_REQUIRE_CPP") != "1":
+            self.skipTest("PERSAMPLE_REQUIRE_CPP is not set")
+        self.assertTrue(BUILT, f"no {eager.library_name()}.so next to persample/__init__.py")
+
+    def test_disabled_by_environment(self):
+        code = (
+            "import torch, persample; from persample.ops import eager; "
+            "x = torch.randn(2, 4, 3, requires_grad=True); "
+            "y = persample.group_norm(x, 2); y.sum().backward(); "
+            "print(eager.LIBRARY, y.grad_fn.name())"
+        )
+        env = dict(os.environ, PERSAMPLE_DISABLE_CPP="1")
+        out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             capture_output=True, text=True).stdout.split()
+        self.assertEqual(out, ["None", "GroupNormAutogradBackward"])
+
+    def test_library_name_per_torch_release(self):
+        self.assertEqual(eager.library_name("2.14.1+cu130"), "_C_torch2_14_1_cu130")
+        self.assertEqual(eager.library_name("2.13.0"), "_C_torch2_13_0")
+
+
+@needs_library
+class TestAgreement(TestCase):
+    def run_both(self, x, groups, w, b, eps, x_grad, p_grad):
+        """(output, grads) of the fast path and of the public op, on fresh leaves."""
+        results = []
+        for fast in (True, False):
+            leaves = [None if t is None else t.detach().requires_grad_(g)
+                      for t, g in ((x, x_grad), (w, p_grad), (b, p_grad))]
+            if fast:
+                y = persample.group_norm(leaves[0], groups, leaves[1], leaves[2], eps)
+                self.assertEqual(node_name(y), FAST_NODE)
+            else:
+                y = group_norm_op(leaves[0], groups, leaves[1], leaves[2], eps)[0]
+                self.assertNotEqual(node_name(y), FAST_NODE)
+            grad_out = torch.ones_like(y).mul_(torch.arange(y.numel()).view_as(y) % 7 - 3)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = torch.autograd.grad(y, wanted, grad_out)
+            results.append((y, grads))
+        return results
+
+    def test_matches_public_op(self):
+        for dtype in (torch.float32, torch.float64):
+            for shape, groups, fmt, w_kind, b_kind, eps in CASES:
+                for x_grad, p_grad in GRAD_SETS:
+                    if not (x_grad or (p_grad and (w_kind or b_kind))):
+                        continue
+                    n, c = shape[:2]
+                    x = make_input(shape, fmt, dtype=dtype) * 3 + 1
+                    w = make_param(w_kind, n, c, dtype=dtype)
+                    b = make_param(b_kind, n, c, dtype=dtype)
+                    with self.subTest(dtype=dtype, shape=shape, fmt=fmt, weight=w_kind,
+                                      bias=b_kind, x_grad=x_grad, p_grad=p_grad):
+                        (y, grads), (ref_y, ref_grads) = self.run_both(
+                            x, groups, w, b, eps, x_grad, p_grad)
+                        self.assertEqual(y, ref_y, **TOL[dtype])
+                        self.assertEqual(y.stride(), ref_y.stride())
+                        self.assertEqual(grads, ref_grads, **TOL[dtype])
+                        for g, r in zip(grads, ref_grads):
+                            self.assertEqual(g.stride(), r.stride())
+
+    def test_matches_float64_loop(self):
+        for shape, groups, fmt, w_kind, b_kind, eps in CASES:
+            n, c = shape[:2]
+            x = make_input(shape, fmt, requires_grad=True)
+            w = make_param("per_sample" if w_kind else None, n, c, requires_grad=True)
+            b = make_param("per_sample" if b_kind else None, n, c, requires_grad=True)
+            grad_out = torch.randn_like(x)
+            with self.subTest(shape=shape, fmt=fmt, weight=w_kind, bias=b_kind):
+                y = persample.group_norm(x, groups, w, b, eps)
+                self.assertEqual(node_name(y), FAST_NODE)
+                wanted = [t for t in (x, w, b) if t is not None]
+                got = torch.autograd.grad(y, wanted, grad_out)
+                ref = reference(x, groups, w, b, eps, grad_out)
+                self.assertEqual(y, ref[0], exact_dtype=False, **TOL[torch.float32])
+                expected = [r for t, r in zip((x, w, b), ref[1:]) if t is not None]
+                self.assertEqual(got, expected, exact_dtype=False, **TOL[torch.float32])
+
+    def test_gradcheck(self):
+        for fmt, w_kind in ((None, "per_sample"), (None, "shared"),
+                            (torch.channels_last, "per_sample"), (torch.channels_last, "shared")):
+            x = make_input((3, 4, 2, 3), fmt, dtype=torch.float64, requires_grad=True)
+            w = make_param(w_kind, 3, 4, dtype=torch.float64, requires_grad=True)
+            b = make_param(w_kind, 3, 4, dtype=torch.float64, requires_grad=True)
+            with self.subTest(fmt=fmt, weight=w_kind):
+                self.assertEqual(node_name(persample.group_norm(x, 2, w, b)), FAST_NODE)
+                self.assertTrue(torch.autograd.gradcheck(
+                    lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
+                self.assertTrue(torch.autograd.gradgradcheck(
+                    lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
+
+    def test_module(self):
+        layer = persample.nn.GroupNorm(2, 4)
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        y = layer(x)
+        self.assertEqual(node_name(y), FAST_NODE)
+        y.square().sum().backward()
+        stock = torch.nn.GroupNorm(2, 4)
+        x2 = x.detach().requires_grad_()
+        stock(x2).square().sum().backward()
+        self.assertEqual((x.grad, layer.weight.grad, layer.bias.grad),
+                         (x2.grad, stock.weight.grad, stock.bias.grad))
+
+
+@needs_library
+class TestRouting(TestCase):
+    """Where the fast path would be wrong or invisible, the public op runs instead."""
+
+    def call(self, x, *params):
+        return persample.group_norm(x, 2, *params)
+
+    def test_plain_eager_no_grad_and_inference(self):
+        x, w = torch.randn(3, 4, 5), torch.randn(3, 4)
+        ref = group_norm_op(x, 2, w)[0]
+        self.assertEqual(node_name(self.call(x.requires_grad_(), w)), FAST_NODE)
+        with torch.no_grad():
+            self.assertEqual(self.call(x, w), ref)
+        with torch.inference_mode():
+            self.assertEqual(self.call(x.detach().clone(), w.clone()), ref)
+
+    def test_unhandled_inputs_take_the_public_op(self):
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        cases = {
+            "float16": (x.detach().half().requires_grad_(), None),
+            "non-contiguous": (torch.randn(3, 5, 4).transpose(1, 2).requires_grad_(), None),
+            "fp32 params on bf16": (x.detach().bfloat16().requires_grad_(), torch.ones(4)),
+        }
+        for name, (inp, w) in cases.items():
+            with self.subTest(name):
+                self.assertEqual(node_name(self.call(inp, w)), "GroupNormAutogradBackward")
+
+    def test_invalid_calls_raise_the_public_ops_errors(self):
+        x = torch.randn(3, 4, 5)
+        for args in ((x, 3), (x, 2, torch.ones(2, 4)), (x.long(), 2), (x, 2, None, None, -1.0)):
+            with self.subTest(args=[getattr(a, "shape", a) for a in args]):
+                with self.assertRaises(RuntimeError) as fast:
+                    persample.group_norm(*args)
+                with self.assertRaises(RuntimeError) as public:
+                    group_norm_op(*args)
+                self.assertEqual(str(fast.exception), str(public.exception))
+
+    def test_a_mode_sees_the_public_ops(self):
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        with RecordOps() as mode:
+            self.call(x, torch.ones(3, 4, requires_grad=True)).sum().backward()
+        self.assertIn("persample.group_norm", mode.ops)
+        self.assertIn("persample.group_norm_backward", mode.ops)
+        self.assertNotIn("persample._eager_group_norm", mode.ops)
+
+    def test_backward_under_a_mode_after_a_fast_forward(self):
+        x = torch.randn(3, 4, 5, requires_grad=True)
+        y = self.call(x, torch.ones(3, 4))
+        self.assertEqual(node_name(y), FAST_NODE)
+        with RecordOps() as mode:
+            y.sum().backward()
+        self.assertIn("persample.group_norm_backward", mode.ops)
+
+    def test_transforms_and_forward_ad(self):
+        x, w = torch.randn(3, 4, 5), torch.randn(3, 4)
+        with RecordOps() as mode:
+            torch.func.vmap(lambda xi: self.call(xi[None], w[:1]))(x)
+        self.assertEqual(mode.ops.count("persample.group_norm"), 1)
+        tangent = torch.randn_like(x)
+        with fwAD.dual_level():
+            y = self.call(fwAD.make_dual(x, tangent), w)
+            jvp = fwAD.unpack_dual(y).tangent
+        expected = torch.func.jvp(lambda t: group_norm_op(t, 2, w)[0], (x,), (tangent,))[1]
+        self.assertEqual(jvp, expected)
+
+
+if __name__ == "__main__":
+    run_tests()
