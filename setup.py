@@ -33,8 +33,11 @@ def extension_setup():
 
     return {
         "ext_modules": [
+            # OpenMP: at::parallel_for is inline and runs serially without it; the
+            # library then links the libgomp.so.1 that torch has already loaded.
             CppExtension(f"persample.{tag}", ["ops/csrc/eager_group_norm.cpp"],
-                         extra_compile_args=["-O3"], optional=True)
+                         extra_compile_args=["-O3", "-fopenmp"],
+                         extra_link_args=["-fopenmp"], optional=True)
         ],
         "cmdclass": {"build_ext": BuildExt},
     }
