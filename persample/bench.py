@@ -18,6 +18,7 @@ import time
 import torch
 
 from . import methods as M
+from .ops import eager
 
 SHAPES = [  # (N, C, H, W, G), channels_last: the BRIEF's table, plus channels_last
     ((64, 64, 32, 32, 32), False),
@@ -191,8 +192,10 @@ def main(argv=None):
     rounds = args.rounds or (10 if args.quick else 40)
     steady = _steady_allocator()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    cpp = "built" if eager.LIBRARY else "not built (Python kernels)"
     header = (f"torch {torch.__version__} | device {device} ({name}) | "
-              f"threads {torch.get_num_threads()} | rounds {rounds} | glibc allocator pinned {steady}")
+              f"threads {torch.get_num_threads()} | rounds {rounds} | glibc allocator pinned {steady} | "
+              f"C++ eager CPU path {cpp}")
     torch.manual_seed(0)
     rows = [run_shape(s, cl, rounds, device, wanted)
             for s, cl in (QUICK_SHAPES if args.quick else SHAPES)]

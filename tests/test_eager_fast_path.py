@@ -2,10 +2,12 @@
 op's Python kernels and with the float64 per-example reference, and it is taken exactly
 when it should be."""
 
+import contextlib
 import os
 import subprocess
 import sys
 import unittest
+from unittest import mock
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -14,11 +16,22 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import persample
 from persample.ops import eager
-from samples import CASES, TOL, group_norm_op, make_input, make_param, reference
+from samples import CASES, CL, CL3, TOL, group_norm_op, make_input, make_param, reference
 
 FAST_NODE = "torch::autograd::CppNode<persample::EagerGroupNorm>"
 BUILT = eager.LIBRARY is not None
 needs_library = unittest.skipUnless(BUILT, "the C++ library is not built (see setup.py)")
+
+# Rows long enough for the C++ library's fused contiguous kernel (L >= 128, below that it
+# drives ATen's) and past its summation blocks (1024 contiguous, 64 channels_last rows).
+LONG_CASES = (
+    ((2, 4, 16, 9), 2, None, "per_sample", "shared", 1e-5),
+    ((3, 6, 130), 3, None, "expanded", "per_sample", 1e-5),
+    ((2, 2, 1100), 1, None, "shared", None, 1e-5),
+    ((2, 4, 2, 8, 9), 4, None, None, "per_sample", 1e-5),
+    ((2, 4, 9, 9), 2, CL, "per_sample", "per_sample", 1e-5),
+    ((2, 6, 3, 5, 7), 3, CL3, "shared", "shared", 1e-5),
+)
 
 # (input requires grad, params require grad): every combination autograd can ask for.
 GRAD_SETS = ((True, True), (True, False), (False, True))
@@ -66,9 +79,11 @@ class TestLibrary(unittest.TestCase):
 @needs_library
 class TestAgreement(TestCase):
     def run_both(self, x, groups, w, b, eps, x_grad, p_grad):
-        """(output, grads) of the fast path and of the public op, on fresh leaves."""
+        """(output, grads) of the fast path and of the public op with its Python kernels
+        alone (its CPU backward otherwise calls the library's kernel), on fresh leaves."""
         results = []
         for fast in (True, False):
+            python_kernels = mock.patch.object(eager, "_cpu_backward", None)
             leaves = [None if t is None else t.detach().requires_grad_(g)
                       for t, g in ((x, x_grad), (w, p_grad), (b, p_grad))]
             if fast:
@@ -79,13 +94,14 @@ class TestAgreement(TestCase):
                 self.assertNotEqual(node_name(y), FAST_NODE)
             grad_out = torch.ones_like(y).mul_(torch.arange(y.numel()).view_as(y) % 7 - 3)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = torch.autograd.grad(y, wanted, grad_out)
+            with python_kernels if not fast else contextlib.nullcontext():
+                grads = torch.autograd.grad(y, wanted, grad_out)
             results.append((y, grads))
         return results
 
     def test_matches_public_op(self):
         for dtype in (torch.float32, torch.float64):
-            for shape, groups, fmt, w_kind, b_kind, eps in CASES:
+            for shape, groups, fmt, w_kind, b_kind, eps in CASES + LONG_CASES:
                 for x_grad, p_grad in GRAD_SETS:
                     if not (x_grad or (p_grad and (w_kind or b_kind))):
                         continue
@@ -104,7 +120,7 @@ class TestAgreement(TestCase):
                             self.assertEqual(g.stride(), r.stride())
 
     def test_matches_float64_loop(self):
-        for shape, groups, fmt, w_kind, b_kind, eps in CASES:
+        for shape, groups, fmt, w_kind, b_kind, eps in CASES + LONG_CASES:
             n, c = shape[:2]
             x = make_input(shape, fmt, requires_grad=True)
             w = make_param("per_sample" if w_kind else None, n, c, requires_grad=True)
@@ -121,17 +137,39 @@ class TestAgreement(TestCase):
                 self.assertEqual(got, expected, exact_dtype=False, **TOL[torch.float32])
 
     def test_gradcheck(self):
-        for fmt, w_kind in ((None, "per_sample"), (None, "shared"),
-                            (torch.channels_last, "per_sample"), (torch.channels_last, "shared")):
-            x = make_input((3, 4, 2, 3), fmt, dtype=torch.float64, requires_grad=True)
-            w = make_param(w_kind, 3, 4, dtype=torch.float64, requires_grad=True)
-            b = make_param(w_kind, 3, 4, dtype=torch.float64, requires_grad=True)
-            with self.subTest(fmt=fmt, weight=w_kind):
+        for shape, fmt, w_kind in (((3, 4, 2, 3), None, "per_sample"), ((3, 4, 2, 3), None, "shared"),
+                                   ((3, 4, 2, 3), CL, "per_sample"), ((3, 4, 2, 3), CL, "shared"),
+                                   ((2, 4, 1, 130), None, "per_sample")):
+            x = make_input(shape, fmt, dtype=torch.float64, requires_grad=True)
+            w = make_param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
+            b = make_param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
+            with self.subTest(shape=shape, fmt=fmt, weight=w_kind):
                 self.assertEqual(node_name(persample.group_norm(x, 2, w, b)), FAST_NODE)
                 self.assertTrue(torch.autograd.gradcheck(
                     lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
                 self.assertTrue(torch.autograd.gradgradcheck(
                     lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
+
+    def test_no_cancellation_at_large_mean(self):
+        # ATen's formula, sum(dy * x) - mean * sum(dy), loses ~1e-3 (relative) in fp32 at
+        # mean/std = 1e4 (BRIEF); the library's kernels sum dy * (x - mean). Reference:
+        # float64, from the same saved statistics (the forward's rounding is not at issue).
+        for fmt in (None, CL):
+            x = make_input((4, 4, 16, 16), fmt) + 1e4
+            w = torch.ones(4).expand(4, 4).requires_grad_()
+            grad_out = torch.randn_like(x)
+            _, mean, rstd = group_norm_op(x, 2)
+            for name, fn in (("fast path", persample.group_norm), ("backward op", None)):
+                with self.subTest(fmt=fmt, path=name):
+                    if fn is None:
+                        _, gw, _ = torch.ops.persample.group_norm_backward(
+                            grad_out, x, mean, rstd, w, 2, [False, True, False])
+                    else:
+                        (gw,) = torch.autograd.grad(fn(x, 2, w), w, grad_out)
+                    m = mean.double().repeat_interleave(2, 1)[..., None, None]
+                    ref = (grad_out.double() * (x.double() - m)).sum((2, 3))
+                    ref = ref * rstd.double().repeat_interleave(2, 1)
+                    self.assertLess(((gw - ref).abs().max() / ref.abs().max()).item(), 1e-5)
 
     def test_module(self):
         layer = persample.nn.GroupNorm(2, 4)
