@@ -180,32 +180,41 @@ void finish_group(const double* dyx, const double* dy_sum, const T* gamma, int64
   c3 = static_cast<T>(-b * mean - gamma_dy * rstd * inv_count);
 }
 
+// The arguments of both fused kernels: dense arrays in the input's layout.
+template <typename T>
+struct BackwardArgs {
+  const T *dy, *x, *mean, *rstd;
+  const T* gamma;            // nullptr: no weight
+  int64_t gamma_row_stride;  // 0: one row shared by all samples
+  int64_t n, length, c, groups;
+  T *grad_input, *grad_weight, *grad_bias;  // nullptr where not wanted
+
+  int64_t d() const { return c / groups; }
+  double inv_count() const { return 1.0 / static_cast<double>(d() * length); }
+};
+
 // channels_last: per sample, L rows of C channels.
 template <typename T>
-void backward_channels_last_kernel(
-    const T* dy, const T* x, const T* mean, const T* rstd,
-    const T* gamma, int64_t gamma_row_stride,  // nullptr: no weight; stride 0: shared
-    int64_t n, int64_t length, int64_t c, int64_t groups,
-    T* grad_input, T* grad_weight, T* grad_bias) {  // each may be nullptr
-  const int64_t d = c / groups;
-  const double inv_count = 1.0 / static_cast<double>(d * length);
+void backward_channels_last_kernel(const BackwardArgs<T>& a) {
+  const int64_t c = a.c, d = a.d();  // locals: loop bounds the vectoriser can trust
+  const double inv_count = a.inv_count();
   constexpr int64_t kBlock = 64;  // rows
-  at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> dyx(c), dy_sum(c);
     std::vector<T> mean_c(c), block_dyx(c), block_dy(c), c1(c), c2(c), c3(c);
     for (int64_t i = begin; i < end; ++i) {
-      const T* dy_i = dy + i * length * c;
-      const T* x_i = x + i * length * c;
-      for (int64_t j = 0; j < c; ++j) mean_c[j] = mean[i * groups + j / d];
+      const T* dy_i = a.dy + i * a.length * c;
+      const T* x_i = a.x + i * a.length * c;
+      for (int64_t j = 0; j < c; ++j) mean_c[j] = a.mean[i * a.groups + j / d];
       std::fill(dyx.begin(), dyx.end(), 0.0);
       std::fill(dy_sum.begin(), dy_sum.end(), 0.0);
       const T* __restrict__ m = mean_c.data();
       T* __restrict__ bdyx = block_dyx.data();
       T* __restrict__ bdy = block_dy.data();
-      for (int64_t l0 = 0; l0 < length; l0 += kBlock) {
+      for (int64_t l0 = 0; l0 < a.length; l0 += kBlock) {
         std::fill(block_dyx.begin(), block_dyx.end(), T(0));
         std::fill(block_dy.begin(), block_dy.end(), T(0));
-        for (int64_t l = l0; l < std::min(length, l0 + kBlock); ++l) {
+        for (int64_t l = l0; l < std::min(a.length, l0 + kBlock); ++l) {
           const T* __restrict__ dy_row = dy_i + l * c;
           const T* __restrict__ x_row = x_i + l * c;
           for (int64_t j = 0; j < c; ++j) {
@@ -218,28 +227,28 @@ void backward_channels_last_kernel(
           dy_sum[j] += bdy[j];
         }
       }
-      const T* gamma_i = gamma ? gamma + i * gamma_row_stride : nullptr;
-      for (int64_t g = 0; g < groups; ++g) {
+      const T* gamma_i = a.gamma ? a.gamma + i * a.gamma_row_stride : nullptr;
+      for (int64_t g = 0; g < a.groups; ++g) {
         const int64_t j0 = g * d;
         T group_c2, group_c3;
         finish_group(dyx.data() + j0, dy_sum.data() + j0, gamma_i ? gamma_i + j0 : nullptr, d,
-                     mean[i * groups + g], rstd[i * groups + g], inv_count,
-                     grad_weight ? grad_weight + i * c + j0 : nullptr,
-                     grad_bias ? grad_bias + i * c + j0 : nullptr, c1.data() + j0, group_c2,
+                     a.mean[i * a.groups + g], a.rstd[i * a.groups + g], inv_count,
+                     a.grad_weight ? a.grad_weight + i * c + j0 : nullptr,
+                     a.grad_bias ? a.grad_bias + i * c + j0 : nullptr, c1.data() + j0, group_c2,
                      group_c3);
         std::fill(c2.begin() + j0, c2.begin() + j0 + d, group_c2);
         std::fill(c3.begin() + j0, c3.begin() + j0 + d, group_c3);
       }
-      if (!grad_input) continue;
-      const T* __restrict__ a1 = c1.data();
-      const T* __restrict__ a2 = c2.data();
-      const T* __restrict__ a3 = c3.data();
-      for (int64_t l = 0; l < length; ++l) {
+      if (!a.grad_input) continue;
+      const T* __restrict__ k1 = c1.data();
+      const T* __restrict__ k2 = c2.data();
+      const T* __restrict__ k3 = c3.data();
+      for (int64_t l = 0; l < a.length; ++l) {
         const T* __restrict__ dy_row = dy_i + l * c;
         const T* __restrict__ x_row = x_i + l * c;
-        T* __restrict__ dx_row = grad_input + (i * length + l) * c;
+        T* __restrict__ dx_row = a.grad_input + (i * a.length + l) * c;
         for (int64_t j = 0; j < c; ++j) {
-          dx_row[j] = a1[j] * dy_row[j] + a2[j] * x_row[j] + a3[j];
+          dx_row[j] = k1[j] * dy_row[j] + k2[j] * x_row[j] + k3[j];
         }
       }
     }
@@ -269,36 +278,32 @@ void row_sums(const T* __restrict__ dy, const T* __restrict__ x, T mean, int64_t
 // Contiguous: per (n, g), D rows of L elements, summed and then written while they are
 // still in cache.
 template <typename T>
-void backward_contiguous_kernel(
-    const T* dy, const T* x, const T* mean, const T* rstd,
-    const T* gamma, int64_t gamma_row_stride,  // nullptr: no weight; stride 0: shared
-    int64_t n, int64_t length, int64_t c, int64_t groups,
-    T* grad_input, T* grad_weight, T* grad_bias) {  // each may be nullptr
-  const int64_t d = c / groups;
-  const double inv_count = 1.0 / static_cast<double>(d * length);
-  at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
+void backward_contiguous_kernel(const BackwardArgs<T>& a) {
+  const int64_t length = a.length, d = a.d();  // locals: see above
+  const double inv_count = a.inv_count();
+  at::parallel_for(0, a.n * a.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> dyx(d), dy_sum(d);
     std::vector<T> c1(d);
     for (int64_t ig = begin; ig < end; ++ig) {
-      const int64_t i = ig / groups, j0 = (ig % groups) * d;
-      const T* dy_g = dy + (i * c + j0) * length;
-      const T* x_g = x + (i * c + j0) * length;
+      const int64_t i = ig / a.groups, j0 = (ig % a.groups) * d;
+      const T* dy_g = a.dy + (i * a.c + j0) * length;
+      const T* x_g = a.x + (i * a.c + j0) * length;
       for (int64_t j = 0; j < d; ++j) {
-        row_sums(dy_g + j * length, x_g + j * length, mean[ig], length, dyx[j], dy_sum[j]);
+        row_sums(dy_g + j * length, x_g + j * length, a.mean[ig], length, dyx[j], dy_sum[j]);
       }
       T c2, c3;
       finish_group(dyx.data(), dy_sum.data(),
-                   gamma ? gamma + i * gamma_row_stride + j0 : nullptr, d, mean[ig],
-                   rstd[ig], inv_count, grad_weight ? grad_weight + i * c + j0 : nullptr,
-                   grad_bias ? grad_bias + i * c + j0 : nullptr, c1.data(), c2, c3);
-      if (!grad_input) continue;
+                   a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr, d, a.mean[ig],
+                   a.rstd[ig], inv_count, a.grad_weight ? a.grad_weight + i * a.c + j0 : nullptr,
+                   a.grad_bias ? a.grad_bias + i * a.c + j0 : nullptr, c1.data(), c2, c3);
+      if (!a.grad_input) continue;
       for (int64_t j = 0; j < d; ++j) {
         const T* __restrict__ dy_row = dy_g + j * length;
         const T* __restrict__ x_row = x_g + j * length;
-        T* __restrict__ dx_row = grad_input + (i * c + j0 + j) * length;
-        const T a1 = c1[j];
+        T* __restrict__ dx_row = a.grad_input + (i * a.c + j0 + j) * length;
+        const T k1 = c1[j];
         for (int64_t l = 0; l < length; ++l) {
-          dx_row[l] = a1 * dy_row[l] + c2 * x_row[l] + c3;
+          dx_row[l] = k1 * dy_row[l] + c2 * x_row[l] + c3;
         }
       }
     }
@@ -330,14 +335,13 @@ Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input, const Tenso
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "persample_backward", [&] {
     const auto kernel = contiguous ? backward_contiguous_kernel<scalar_t>
                                    : backward_channels_last_kernel<scalar_t>;
-    kernel(
-        dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
-        mean_c.const_data_ptr<scalar_t>(), rstd_c.const_data_ptr<scalar_t>(),
-        gamma ? gamma->const_data_ptr<scalar_t>() : nullptr,
-        gamma && gamma->dim() == 2 ? c : 0, n, length, c, groups,
-        mask[0] ? gi.mutable_data_ptr<scalar_t>() : nullptr,
-        mask[1] ? gw.mutable_data_ptr<scalar_t>() : nullptr,
-        mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr);
+    kernel({dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
+            mean_c.const_data_ptr<scalar_t>(), rstd_c.const_data_ptr<scalar_t>(),
+            gamma ? gamma->const_data_ptr<scalar_t>() : nullptr,
+            gamma && gamma->dim() == 2 ? c : 0, n, length, c, groups,
+            mask[0] ? gi.mutable_data_ptr<scalar_t>() : nullptr,
+            mask[1] ? gw.mutable_data_ptr<scalar_t>() : nullptr,
+            mask[2] ? gb.mutable_data_ptr<scalar_t>() : nullptr});
   });
   return {gi, gw, gb};
 }
