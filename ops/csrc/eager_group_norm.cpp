@@ -6,7 +6,7 @@
 // backward reads its inputs twice, which the per-sample rows, on channels_last, make
 // three times (measured in BRIEF's shapes: 1.22x plain with the Python path).
 //
-// What: one private op, persample::_eager_group_norm, whose kernel is an autograd
+// What: a private op, persample::_eager_group_norm, whose kernel is an autograd
 // Function: the forward drives ATen's GroupNorm kernels as ops/aten_kernels.py does, the
 // backward is the fused kernels below. persample.group_norm calls it in plain eager mode
 // only (ops/eager.py); compile, export, torch.func transforms, dispatch modes,
@@ -14,7 +14,9 @@
 // persample::group_norm, whose Python kernels stay the one reference for semantics and
 // error messages. The backward calls persample::group_norm_backward through the
 // dispatcher unless nothing could observe the call (no grad mode, no mode, plain CPU
-// tensors), as ops/autograd.py does.
+// tensors), as ops/autograd.py does. A second private op,
+// persample::_cpu_group_norm_backward, lends the fused kernels to the public backward
+// op's CPU kernel (ops/cpu.py), so compiled graphs and torch.func use them too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
