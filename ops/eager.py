@@ -21,11 +21,11 @@ def library_name(torch_version=torch.__version__):
     return "_C_torch" + re.sub(r"\W", "_", torch_version)
 
 
-def _load():
-    """The path of the loaded library, or None."""
+def load(package_dir):
+    """Loads the library built for the running torch from ``package_dir``; returns its
+    path, or None (disabled, not built, or unloadable, which warns)."""
     if os.environ.get("PERSAMPLE_DISABLE_CPP") == "1":
         return None
-    package_dir = os.path.dirname(sys.modules["persample"].__file__)
     path = os.path.join(package_dir, library_name() + ".so")
     if not os.path.exists(path):
         return None
@@ -37,7 +37,7 @@ def _load():
     return path
 
 
-LIBRARY = _load()
+LIBRARY = load(os.path.dirname(sys.modules["persample"].__file__))
 """Path of the loaded C++ library, or None when the Python kernels serve every call."""
 
 _op = torch.ops.persample._eager_group_norm.default if LIBRARY else None

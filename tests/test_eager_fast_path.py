@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import tempfile
 import unittest
 from unittest import mock
 
@@ -70,6 +71,14 @@ class TestLibrary(unittest.TestCase):
         out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
                              capture_output=True, text=True).stdout.split()
         self.assertEqual(out, ["None", "GroupNormAutogradBackward"])
+
+    def test_unloadable_library_warns_and_falls_back(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.assertIsNone(eager.load(tmp))  # not built: silent
+            with open(os.path.join(tmp, eager.library_name() + ".so"), "wb") as f:
+                f.write(b"not a shared library")
+            with self.assertWarnsRegex(UserWarning, "using the Python kernels"):
+                self.assertIsNone(eager.load(tmp))
 
     def test_library_name_per_torch_release(self):
         self.assertEqual(eager.library_name("2.14.1+cu130"), "_C_torch2_14_1_cu130")
