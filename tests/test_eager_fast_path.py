@@ -73,7 +73,8 @@ class TestLibrary(unittest.TestCase):
         self.assertEqual(out, ["None", "GroupNormAutogradBackward"])
 
     def test_unloadable_library_warns_and_falls_back(self):
-        with tempfile.TemporaryDirectory() as tmp:
+        env = mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_CPP": "0"})
+        with env, tempfile.TemporaryDirectory() as tmp:
             self.assertIsNone(eager.load(tmp))  # not built: silent
             with open(os.path.join(tmp, eager.library_name() + ".so"), "wb") as f:
                 f.write(b"not a shared library")
