@@ -21,4 +21,8 @@ for v in "${versions[@]}"; do
     # A failed (optional) build of the C++ library must fail the tests, not pass on the
     # Python kernels alone (tests/test_eager_fast_path.py).
     PERSAMPLE_REQUIRE_CPP=1 "$venv/bin/python" -m pytest -q "$@"
+    # The eager tests again without the library: what a plain (isolated) install runs.
+    PERSAMPLE_DISABLE_CPP=1 "$venv/bin/python" -m pytest -q tests/test_group_norm.py \
+        tests/test_dtypes.py tests/test_dispatch.py tests/test_module.py \
+        tests/test_double_backward.py tests/test_eager_fast_path.py
 done
