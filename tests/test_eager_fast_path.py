@@ -146,6 +146,26 @@ class TestAgreement(TestCase):
                 expected = [r for t, r in zip((x, w, b), ref[1:]) if t is not None]
                 self.assertEqual(got, expected, exact_dtype=False, **TOL[torch.float32])
 
+    def test_grad_out_in_any_layout(self):
+        # Autograd hands in what the graph produced: stride-0 (from .sum()), or another
+        # memory format than the input's.
+        for fmt in (None, CL):
+            x = make_input((2, 4, 12, 11), fmt, requires_grad=True)
+            w = make_param("per_sample", 2, 4, requires_grad=True)
+            y = persample.group_norm(x, 2, w)
+            ref_y = group_norm_op(x, 2, w)[0]
+            other = CL if fmt is None else torch.contiguous_format
+            for name, grad_out in (
+                ("stride 0", torch.tensor(1.5).expand_as(y)),
+                ("other format", torch.randn_like(y).contiguous(memory_format=other)),
+            ):
+                with self.subTest(fmt=fmt, grad_out=name):
+                    got = torch.autograd.grad(y, (x, w), grad_out, retain_graph=True)
+                    with mock.patch.object(eager, "_cpu_backward", None):
+                        ref = torch.autograd.grad(ref_y, (x, w), grad_out, retain_graph=True)
+                    self.assertEqual(got, ref)
+                    self.assertEqual(got[0].stride(), ref[0].stride())
+
     def test_gradcheck(self):
         for shape, fmt, w_kind in (((3, 4, 2, 3), None, "per_sample"), ((3, 4, 2, 3), None, "shared"),
                                    ((3, 4, 2, 3), CL, "per_sample"), ((3, 4, 2, 3), CL, "shared"),
