@@ -362,11 +362,10 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     auto [out, mean, rstd] = forward_kernel(input, groups, weight, bias, eps);
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
-    // A shared [C] parameter's gradient is the batch sum, as nn.GroupNorm gives it.
-    ctx->saved_data["sum_weight"] = weight.has_value() && weight->dim() == 1;
-    ctx->saved_data["sum_bias"] = bias.has_value() && bias->dim() == 1;
-    ctx->saved_data["has_weight"] = weight.has_value();
+    // The weight is saved; of the bias only its presence and rank matter (a shared [C]
+    // parameter's gradient is the batch sum, as nn.GroupNorm gives it).
     ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["sum_bias"] = bias.has_value() && bias->dim() == 1;
     ctx->save_for_backward({input, mean, rstd, weight.value_or(Tensor())});
     return {out};
   }
@@ -375,7 +374,7 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &mean = saved[1], &rstd = saved[2];
     const OptTensor weight = saved[3].defined() ? OptTensor(saved[3]) : std::nullopt;
-    const bool has_weight = ctx->saved_data["has_weight"].toBool();
+    const bool has_weight = weight.has_value();
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const int64_t groups = ctx->saved_data["groups"].toInt();
     // needs_input_grad counts only the tensor arguments that were given.
@@ -393,7 +392,7 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     }
     if (!mask[0]) gi = Tensor();
     if (!mask[1]) gw = Tensor();
-    else if (ctx->saved_data["sum_weight"].toBool()) gw = gw.sum(0);
+    else if (weight->dim() == 1) gw = gw.sum(0);
     if (!mask[2]) gb = Tensor();
     else if (ctx->saved_data["sum_bias"].toBool()) gb = gb.sum(0);
     return {gi, Tensor(), gw, gb, Tensor()};
