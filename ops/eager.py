@@ -1,4 +1,4 @@
-"""The eager CPU fast path: ``persample::_eager_group_norm`` from the compiled library
+"""The eager fast path (CPU and CUDA): ``persample::_eager_group_norm`` from the compiled library
 that ``setup.py`` builds out of ``ops/csrc/eager_group_norm.cpp`` (read why there).
 
 The library is optional. Without it, or with ``PERSAMPLE_DISABLE_CPP=1``, every call
@@ -49,7 +49,7 @@ def fast_op():
     """The C++ op when this call may take it, else None.
 
     It is for plain eager mode only; its kernel sends calls it does not handle
-    (dispatch modes, subclasses, CUDA, reduced precision, invalid ones) to the public op.
+    (dispatch modes, subclasses, reduced precision, invalid ones) to the public op.
     What reaches or records the call before its kernel runs is checked here: dynamo, the
     JIT tracer and torch function modes, which would record the private op; torch.func
     transforms, which would run it under vmap's per-item fallback; and forward-mode AD,

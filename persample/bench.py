@@ -195,7 +195,7 @@ def main(argv=None):
     cpp = "built" if eager.LIBRARY else "not built (Python kernels)"
     header = (f"torch {torch.__version__} | device {device} ({name}) | "
               f"threads {torch.get_num_threads()} | rounds {rounds} | glibc allocator pinned {steady} | "
-              f"C++ eager CPU path {cpp}")
+              f"C++ eager path {cpp}")
     torch.manual_seed(0)
     rows = [run_shape(s, cl, rounds, device, wanted)
             for s, cl in (QUICK_SHAPES if args.quick else SHAPES)]

@@ -12,9 +12,9 @@ mkdir -p "$site/persample"
 cp persample/*.py "$site/persample/"
 cp -r ops "$site/persample/ops"
 cp -r meta "$site/persample/meta"
-# The C++ eager CPU path, built against this machine's torch where a compiler is there
-# (optional: without it the package runs its Python kernels). With it, the CUDA tests
-# also cover CUDA calls passing through it to the public op.
+# The C++ eager path, built against this machine's torch where a compiler is there
+# (optional: without it the package runs its Python kernels). test_eager_fast_path.py
+# runs it on CUDA tensors too.
 if python3 setup.py -q build_ext --inplace >"$site/build.log" 2>&1 \
         && cp persample/_C_torch*.so "$site/persample/"; then
     echo "C++ library built"

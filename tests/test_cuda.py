@@ -7,25 +7,9 @@ import unittest
 import torch
 import torch.nn.functional as F
 
-try:
-    from torch.testing._internal.common_utils import TestCase
-except ImportError:  # expecttest is missing (the lent GPU images): scripts/gpu_check.sh
-
-    class TestCase(unittest.TestCase):
-        """The part of common_utils.TestCase.assertEqual that these tests use."""
-
-        def assertEqual(self, actual, expected, *, exact_dtype=True, **tol):
-            tensors = (torch.Tensor, tuple, list)
-            if isinstance(actual, tensors) and isinstance(expected, tensors) and any(
-                isinstance(t, torch.Tensor) for t in (actual if isinstance(actual, (tuple, list)) else [actual])
-            ):
-                torch.testing.assert_close(actual, expected, check_dtype=exact_dtype, **tol)
-            else:
-                super().assertEqual(actual, expected)
-
-
 import persample
 from persample.ops.cuda import group_norm_backward_cuda, group_norm_cuda
+from testcase import TestCase
 from samples import (
     CL,
     CL3,

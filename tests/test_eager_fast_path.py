@@ -12,12 +12,12 @@ from unittest import mock
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch.testing._internal.common_utils import TestCase, run_tests
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import persample
 from persample.ops import eager
 from samples import CASES, CL, CL3, TOL, group_norm_op, make_input, make_param, reference
+from testcase import TestCase, run_tests
 
 FAST_NODE = "torch::autograd::CppNode<persample::EagerGroupNorm>"
 BUILT = eager.LIBRARY is not None
@@ -68,7 +68,10 @@ class TestLibrary(unittest.TestCase):
             "print(eager.LIBRARY, y.grad_fn.name())"
         )
         env = dict(os.environ, PERSAMPLE_DISABLE_CPP="1")
+        # From tests/: "-c" puts the working directory first on sys.path, and the
+        # checkout's persample/ is not the package where scripts/gpu_check.sh lays it out.
         out = subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)),
                              capture_output=True, text=True).stdout.split()
         self.assertEqual(out, ["None", "GroupNormAutogradBackward"])
 
@@ -86,8 +89,17 @@ class TestLibrary(unittest.TestCase):
         self.assertEqual(eager.library_name("2.13.0"), "_C_torch2_13_0")
 
 
-@needs_library
-class TestAgreement(TestCase):
+class AgreementTests:
+    """The fast path against the public op and the float64 loop, on ``self.device``."""
+
+    device = "cpu"
+
+    def input(self, shape, fmt=None, **kw):
+        return make_input(shape, fmt, device=self.device, **kw)
+
+    def param(self, kind, n, c, **kw):
+        return make_param(kind, n, c, device=self.device, **kw)
+
     def run_both(self, x, groups, w, b, eps, x_grad, p_grad):
         """(output, grads) of the fast path and of the public op with its Python kernels
         alone (its CPU backward otherwise calls the library's kernel), on fresh leaves."""
@@ -102,7 +114,8 @@ class TestAgreement(TestCase):
             else:
                 y = group_norm_op(leaves[0], groups, leaves[1], leaves[2], eps)[0]
                 self.assertNotEqual(node_name(y), FAST_NODE)
-            grad_out = torch.ones_like(y).mul_(torch.arange(y.numel()).view_as(y) % 7 - 3)
+            pattern = torch.arange(y.numel(), device=y.device).view_as(y) % 7 - 3
+            grad_out = torch.ones_like(y).mul_(pattern)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
             with python_kernels if not fast else contextlib.nullcontext():
                 grads = torch.autograd.grad(y, wanted, grad_out)
@@ -116,9 +129,9 @@ class TestAgreement(TestCase):
                     if not (x_grad or (p_grad and (w_kind or b_kind))):
                         continue
                     n, c = shape[:2]
-                    x = make_input(shape, fmt, dtype=dtype) * 3 + 1
-                    w = make_param(w_kind, n, c, dtype=dtype)
-                    b = make_param(b_kind, n, c, dtype=dtype)
+                    x = self.input(shape, fmt, dtype=dtype) * 3 + 1
+                    w = self.param(w_kind, n, c, dtype=dtype)
+                    b = self.param(b_kind, n, c, dtype=dtype)
                     with self.subTest(dtype=dtype, shape=shape, fmt=fmt, weight=w_kind,
                                       bias=b_kind, x_grad=x_grad, p_grad=p_grad):
                         (y, grads), (ref_y, ref_grads) = self.run_both(
@@ -132,9 +145,9 @@ class TestAgreement(TestCase):
     def test_matches_float64_loop(self):
         for shape, groups, fmt, w_kind, b_kind, eps in CASES + LONG_CASES:
             n, c = shape[:2]
-            x = make_input(shape, fmt, requires_grad=True)
-            w = make_param("per_sample" if w_kind else None, n, c, requires_grad=True)
-            b = make_param("per_sample" if b_kind else None, n, c, requires_grad=True)
+            x = self.input(shape, fmt, requires_grad=True)
+            w = self.param("per_sample" if w_kind else None, n, c, requires_grad=True)
+            b = self.param("per_sample" if b_kind else None, n, c, requires_grad=True)
             grad_out = torch.randn_like(x)
             with self.subTest(shape=shape, fmt=fmt, weight=w_kind, bias=b_kind):
                 y = persample.group_norm(x, groups, w, b, eps)
@@ -150,13 +163,13 @@ class TestAgreement(TestCase):
         # Autograd hands in what the graph produced: stride-0 (from .sum()), or another
         # memory format than the input's.
         for fmt in (None, CL):
-            x = make_input((2, 4, 12, 11), fmt, requires_grad=True)
-            w = make_param("per_sample", 2, 4, requires_grad=True)
+            x = self.input((2, 4, 12, 11), fmt, requires_grad=True)
+            w = self.param("per_sample", 2, 4, requires_grad=True)
             y = persample.group_norm(x, 2, w)
             ref_y = group_norm_op(x, 2, w)[0]
             other = CL if fmt is None else torch.contiguous_format
             for name, grad_out in (
-                ("stride 0", torch.tensor(1.5).expand_as(y)),
+                ("stride 0", torch.tensor(1.5, device=y.device).expand_as(y)),
                 ("other format", torch.randn_like(y).contiguous(memory_format=other)),
             ):
                 with self.subTest(fmt=fmt, grad_out=name):
@@ -170,9 +183,9 @@ class TestAgreement(TestCase):
         for shape, fmt, w_kind in (((3, 4, 2, 3), None, "per_sample"), ((3, 4, 2, 3), None, "shared"),
                                    ((3, 4, 2, 3), CL, "per_sample"), ((3, 4, 2, 3), CL, "shared"),
                                    ((2, 4, 1, 130), None, "per_sample")):
-            x = make_input(shape, fmt, dtype=torch.float64, requires_grad=True)
-            w = make_param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
-            b = make_param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
+            x = self.input(shape, fmt, dtype=torch.float64, requires_grad=True)
+            w = self.param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
+            b = self.param(w_kind, shape[0], 4, dtype=torch.float64, requires_grad=True)
             with self.subTest(shape=shape, fmt=fmt, weight=w_kind):
                 self.assertEqual(node_name(persample.group_norm(x, 2, w, b)), FAST_NODE)
                 self.assertTrue(torch.autograd.gradcheck(
@@ -180,12 +193,27 @@ class TestAgreement(TestCase):
                 self.assertTrue(torch.autograd.gradgradcheck(
                     lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
 
+    def test_module(self):
+        layer = persample.nn.GroupNorm(2, 4, device=self.device)
+        x = self.input((3, 4, 5), requires_grad=True)
+        y = layer(x)
+        self.assertEqual(node_name(y), FAST_NODE)
+        y.square().sum().backward()
+        stock = torch.nn.GroupNorm(2, 4, device=self.device)
+        x2 = x.detach().requires_grad_()
+        stock(x2).square().sum().backward()
+        self.assertEqual((x.grad, layer.weight.grad, layer.bias.grad),
+                         (x2.grad, stock.weight.grad, stock.bias.grad))
+
+
+@needs_library
+class TestAgreement(AgreementTests, TestCase):
     def test_no_cancellation_at_large_mean(self):
         # ATen's formula, sum(dy * x) - mean * sum(dy), loses ~1e-3 (relative) in fp32 at
         # mean/std = 1e4 (BRIEF); the library's kernels sum dy * (x - mean). Reference:
         # float64, from the same saved statistics (the forward's rounding is not at issue).
         for fmt in (None, CL):
-            x = make_input((4, 4, 16, 16), fmt) + 1e4
+            x = self.input((4, 4, 16, 16), fmt) + 1e4
             w = torch.ones(4).expand(4, 4).requires_grad_()
             grad_out = torch.randn_like(x)
             _, mean, rstd = group_norm_op(x, 2)
@@ -201,17 +229,38 @@ class TestAgreement(TestCase):
                     ref = ref * rstd.double().repeat_interleave(2, 1)
                     self.assertLess(((gw - ref).abs().max() / ref.abs().max()).item(), 1e-5)
 
-    def test_module(self):
-        layer = persample.nn.GroupNorm(2, 4)
-        x = torch.randn(3, 4, 5, requires_grad=True)
-        y = layer(x)
+
+@needs_library
+@unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
+class TestAgreementCUDA(AgreementTests, TestCase):
+    """On CUDA the library drives ATen's kernels on the per-sample view, as ops/cuda.py
+    does, without the Python layers."""
+
+    device = "cuda"
+
+    def test_channels_last_runs_contiguous(self):
+        # As ATen's CUDA GroupNorm, and the public op's CUDA kernel.
+        x = self.input((2, 4, 3, 5), CL, requires_grad=True)
+        y = persample.group_norm(x, 2, self.param("per_sample", 2, 4))
         self.assertEqual(node_name(y), FAST_NODE)
-        y.square().sum().backward()
-        stock = torch.nn.GroupNorm(2, 4)
-        x2 = x.detach().requires_grad_()
-        stock(x2).square().sum().backward()
-        self.assertEqual((x.grad, layer.weight.grad, layer.bias.grad),
-                         (x2.grad, stock.weight.grad, stock.bias.grad))
+        self.assertTrue(y.is_contiguous())
+
+    def test_unhandled_inputs_take_the_public_op(self):
+        x = self.input((3, 4, 5), requires_grad=True)
+        cases = {
+            "float16": (x.detach().half().requires_grad_(), None),
+            "weight on the CPU": (x, torch.ones(4)),
+        }
+        for name, (inp, w) in cases.items():
+            with self.subTest(name):
+                try:
+                    y = persample.group_norm(inp, 2, w)
+                except RuntimeError as fast:
+                    with self.assertRaises(RuntimeError) as public:
+                        group_norm_op(inp, 2, w)
+                    self.assertEqual(str(fast), str(public.exception))
+                else:
+                    self.assertEqual(node_name(y), "GroupNormAutogradBackward")
 
 
 @needs_library

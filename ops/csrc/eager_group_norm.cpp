@@ -1,22 +1,24 @@
-// The eager CPU fast path of persample.group_norm, in C++.
+// The eager fast path of persample.group_norm, in C++.
 //
 // Why: in eager mode, the Python autograd Function and Python kernels of
-// persample::group_norm cost 10-25% over plain nn.GroupNorm, even at large shapes,
-// where each big ATen kernel evicts the interpreter from the caches; and ATen's
+// persample::group_norm cost 10-25% over plain nn.GroupNorm on CPU, even at large
+// shapes, where each big ATen kernel evicts the interpreter from the caches; and ATen's
 // backward reads its inputs twice, which the per-sample rows, on channels_last, make
-// three times (measured in BRIEF's shapes: 1.22x plain with the Python path).
+// three times (measured in BRIEF's shapes: 1.22x plain with the Python path). On CUDA,
+// where the kernels take microseconds, the Python layers are most of the cost (measured
+// on an H200: 1.40x plain).
 //
 // What: a private op, persample::_eager_group_norm, whose kernel is an autograd
-// Function: the forward drives ATen's GroupNorm kernels as ops/aten_kernels.py does, the
-// backward is the fused kernels below. persample.group_norm calls it in plain eager mode
-// only (ops/eager.py); compile, export, torch.func transforms, dispatch modes,
-// subclasses, reduced precision, CUDA and every invalid call go to the public op
-// persample::group_norm, whose Python kernels stay the one reference for semantics and
-// error messages. The backward calls persample::group_norm_backward through the
-// dispatcher unless nothing could observe the call (no grad mode, no mode, plain CPU
-// tensors), as ops/autograd.py does. A second private op,
-// persample::_cpu_group_norm_backward, lends the fused kernels to the public backward
-// op's CPU kernel (ops/cpu.py), so compiled graphs and torch.func use them too.
+// Function: the forward drives ATen's GroupNorm kernels as ops/aten_kernels.py does; the
+// backward is the fused kernels below on CPU, ATen's on the per-sample view on CUDA
+// (ops/cuda.py). persample.group_norm calls it in plain eager mode only (ops/eager.py);
+// compile, export, torch.func transforms, dispatch modes, subclasses, reduced precision
+// and every invalid call go to the public op persample::group_norm, whose Python kernels
+// stay the one reference for semantics and error messages. The backward calls
+// persample::group_norm_backward through the dispatcher unless nothing could observe
+// the call (no grad mode, no mode, plain tensors), as ops/autograd.py does. A second
+// private op, persample::_cpu_group_norm_backward, lends the fused kernels to the public
+// backward op's CPU kernel (ops/cpu.py), so compiled graphs and torch.func use them too.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -51,15 +53,20 @@ auto& public_backward() {
   return op;
 }
 
-// A dense CPU tensor that no subclass, wrapper or functorch level stands behind.
-bool plain_cpu(const Tensor& t) {
+// A dense CPU or CUDA tensor on `device` that no subclass, wrapper or functorch level
+// stands behind.
+bool plain_on(const Tensor& t, const c10::Device& device) {
   static const auto allowed = c10::DispatchKeySet({
-      c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU,
-      c10::DispatchKey::ADInplaceOrView, c10::DispatchKey::AutocastCPU});
-  // Set difference keeps backend bits, so the CPU bit is all that may be left.
+      c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU,
+      c10::DispatchKey::CUDA, c10::DispatchKey::AutogradCUDA, c10::DispatchKey::AutocastCUDA,
+      c10::DispatchKey::ADInplaceOrView});
+  // Set difference keeps backend bits, so one backend's bit is all that may be left.
   static const auto cpu_only = c10::DispatchKeySet(c10::BackendComponent::CPUBit);
+  static const auto cuda_only = c10::DispatchKeySet(c10::BackendComponent::CUDABit);
   const auto rest = t.key_set() - allowed;
-  return t.layout() == at::kStrided && t.is_cpu() && (rest.empty() || rest == cpu_only);
+  return t.layout() == at::kStrided && t.device() == device &&
+         (t.is_cpu() || t.is_cuda()) &&
+         (rest.empty() || rest == cpu_only || rest == cuda_only);
 }
 
 // No mode, transform or tracer intercepts calls on this thread.
@@ -81,7 +88,7 @@ at::MemoryFormat cl_format(const Tensor& t) {
 bool param_ok(const OptTensor& p, const Tensor& input) {
   if (!p.has_value()) return true;
   const Tensor& t = *p;
-  if (!plain_cpu(t) || t.scalar_type() != input.scalar_type()) return false;
+  if (!plain_on(t, input.device()) || t.scalar_type() != input.scalar_type()) return false;
   const int64_t c = input.size(1);
   return (t.dim() == 1 && t.size(0) == c) ||
          (t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == c);
@@ -92,7 +99,7 @@ bool param_ok(const OptTensor& p, const Tensor& input) {
 bool fast_ok(const Tensor& input, int64_t groups, const OptTensor& weight,
              const OptTensor& bias, double eps) {
   const auto dtype = input.scalar_type();
-  return plain_cpu(input) && (dtype == at::kFloat || dtype == at::kDouble) &&
+  return plain_on(input, input.device()) && (dtype == at::kFloat || dtype == at::kDouble) &&
          input.dim() >= 2 && input.numel() > 0 && groups > 0 &&
          input.size(1) % groups == 0 && eps >= 0 &&
          (input.is_contiguous() || channels_last(input)) &&
@@ -129,8 +136,11 @@ Tensor bcast(const Tensor& p, const Tensor& input) {
   return p.expand({input.size(0), input.size(1)}).reshape(shape);
 }
 
-Tensor3 forward_kernel(const Tensor& input, int64_t groups, const OptTensor& weight,
+Tensor3 forward_kernel(const Tensor& input_, int64_t groups, const OptTensor& weight,
                        const OptTensor& bias, double eps) {
+  // ATen's CUDA GroupNorm has no channels_last kernel; like ops/cuda.py, this runs it on
+  // a contiguous copy, and so does the backward.
+  const Tensor input = input_.is_cuda() ? input_.contiguous() : input_;
   const int64_t n = input.size(0), c = input.size(1), length = input.numel() / (n * c);
   const bool cl = !input.is_contiguous();
   const auto w_row = shared_row(weight, cl), b_row = shared_row(bias, cl);
@@ -313,14 +323,17 @@ void backward_contiguous_kernel(const BackwardArgs<T>& a) {
 }
 
 // The backward op's result for a validated call; masked-out grads are undefined.
-Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input, const Tensor& mean,
+Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input_, const Tensor& mean,
                         const Tensor& rstd, const OptTensor& weight, int64_t groups,
                         std::array<bool, 3> mask) {
+  const Tensor input = input_.is_cuda() ? input_.contiguous() : input_;  // see the forward
   const int64_t n = input.size(0), c = input.size(1), length = input.numel() / (n * c);
   const bool contiguous = input.is_contiguous();
-  // Short rows: per-row sums cost more than ATen's vectorised passes save (measured:
-  // ATen's kernel 5-20% faster at L <= 64, ours ~30% faster from L = 128 up).
-  if (contiguous && length < 128) {
+  // ATen's kernels on the per-sample view: on CUDA (contiguous there, see the forward),
+  // and on CPU for short rows, where per-row sums cost more than ATen's vectorised
+  // passes save (measured: ATen's kernel 5-20% faster at L <= 64, ours ~30% faster from
+  // L = 128 up).
+  if (contiguous && (length < 128 || input.is_cuda())) {
     auto [gi, gw, gb] = at::native_group_norm_backward(
         grad_out.contiguous(), input, mean.contiguous(), rstd.contiguous(),
         flat(weight, n, c, input), 1, n * c, length, n * groups, mask);
@@ -383,7 +396,8 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
         has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     Tensor gi, gw, gb;
     const Tensor& grad_out = grads[0];
-    if (!at::GradMode::is_enabled() && nothing_intercepts() && plain_cpu(grad_out)) {
+    if (!at::GradMode::is_enabled() && nothing_intercepts() &&
+        plain_on(grad_out, input.device())) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(gi, gw, gb) = backward_kernel(grad_out, input, mean, rstd, weight, groups, mask);
     } else {
