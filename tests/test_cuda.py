@@ -3,11 +3,13 @@
 their math is covered on any machine."""
 
 import unittest
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
 
 import persample
+from persample.ops import functional
 from persample.ops.cuda import group_norm_backward_cuda, group_norm_cuda
 from testcase import TestCase
 from samples import (
@@ -216,6 +218,41 @@ class TestCudaCompiled(TestCase):
         for got in (fn(w, b, x, t), torch.compile(fn, fullgraph=True)(w, b, x, t)):
             for g, r in zip(got, ref):
                 self.assertEqual(g.double(), r, atol=1e-4, rtol=1e-4)
+
+class TestEagerTransformsLowering(TestCase):
+    """Under eager torch.func transforms, CUDA calls take ATen's GroupNorm on the
+    per-sample view and CPU calls the op (see ops.functional.use_aten); both give the
+    per-example loop's gradients, through the functional API and the module."""
+
+    def per_sample_grads(self, device):
+        from torch.func import functional_call, grad, vmap
+        from torch_compile_tests.models import per_sample_loss, stock_loop
+
+        w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+        x, t = torch.randn(5, 6, 4, 4, device=device), torch.randn(5, 6, 4, 4, device=device)
+        layer = persample.nn.GroupNorm(2, 6, device=device)
+
+        def module_loss(weight, bias, xi, ti):
+            y = functional_call(layer, {"weight": weight, "bias": bias}, (xi[None],))
+            return F.mse_loss(y, ti[None], reduction="sum")
+
+        ref = stock_loop(w, b, x, t)
+        lowered = [mock.patch.object(m, "aten_group_norm", wraps=functional.aten_group_norm)
+                   for m in (functional, persample.nn)]
+        with lowered[0] as spy_fn, lowered[1] as spy_module:
+            for loss in (per_sample_loss, module_loss):
+                got = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, x, t)
+                for g, r in zip(got, ref):
+                    self.assertEqual(g.double(), r, atol=1e-4, rtol=1e-4)
+        return spy_fn.call_count, spy_module.call_count
+
+    def test_cpu_runs_the_op(self):
+        self.assertEqual(self.per_sample_grads("cpu"), (0, 0))
+
+    @no_cuda
+    def test_cuda_lowers_to_aten(self):
+        self.assertEqual(self.per_sample_grads("cuda"), (1, 1))
+
 
 if __name__ == "__main__":
     unittest.main()
