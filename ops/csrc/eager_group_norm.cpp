@@ -53,9 +53,8 @@ auto& public_backward() {
   return op;
 }
 
-// A dense CPU or CUDA tensor on `device` that no subclass, wrapper or functorch level
-// stands behind.
-bool plain_on(const Tensor& t, const c10::Device& device) {
+// A dense CPU or CUDA tensor that no subclass, wrapper or functorch level stands behind.
+bool plain(const Tensor& t) {
   static const auto allowed = c10::DispatchKeySet({
       c10::DispatchKey::CPU, c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU,
       c10::DispatchKey::CUDA, c10::DispatchKey::AutogradCUDA, c10::DispatchKey::AutocastCUDA,
@@ -64,8 +63,7 @@ bool plain_on(const Tensor& t, const c10::Device& device) {
   static const auto cpu_only = c10::DispatchKeySet(c10::BackendComponent::CPUBit);
   static const auto cuda_only = c10::DispatchKeySet(c10::BackendComponent::CUDABit);
   const auto rest = t.key_set() - allowed;
-  return t.layout() == at::kStrided && t.device() == device &&
-         (t.is_cpu() || t.is_cuda()) &&
+  return t.layout() == at::kStrided && (t.is_cpu() || t.is_cuda()) &&
          (rest.empty() || rest == cpu_only || rest == cuda_only);
 }
 
@@ -88,7 +86,9 @@ at::MemoryFormat cl_format(const Tensor& t) {
 bool param_ok(const OptTensor& p, const Tensor& input) {
   if (!p.has_value()) return true;
   const Tensor& t = *p;
-  if (!plain_on(t, input.device()) || t.scalar_type() != input.scalar_type()) return false;
+  if (!plain(t) || t.device() != input.device() || t.scalar_type() != input.scalar_type()) {
+    return false;
+  }
   const int64_t c = input.size(1);
   return (t.dim() == 1 && t.size(0) == c) ||
          (t.dim() == 2 && t.size(0) == input.size(0) && t.size(1) == c);
@@ -99,7 +99,7 @@ bool param_ok(const OptTensor& p, const Tensor& input) {
 bool fast_ok(const Tensor& input, int64_t groups, const OptTensor& weight,
              const OptTensor& bias, double eps) {
   const auto dtype = input.scalar_type();
-  return plain_on(input, input.device()) && (dtype == at::kFloat || dtype == at::kDouble) &&
+  return plain(input) && (dtype == at::kFloat || dtype == at::kDouble) &&
          input.dim() >= 2 && input.numel() > 0 && groups > 0 &&
          input.size(1) % groups == 0 && eps >= 0 &&
          (input.is_contiguous() || channels_last(input)) &&
@@ -396,8 +396,8 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
         has_bias && ctx->needs_input_grad(has_weight ? 2 : 1)};
     Tensor gi, gw, gb;
     const Tensor& grad_out = grads[0];
-    if (!at::GradMode::is_enabled() && nothing_intercepts() &&
-        plain_on(grad_out, input.device())) {
+    // The engine has already matched grad_out's device to the output's.
+    if (!at::GradMode::is_enabled() && nothing_intercepts() && plain(grad_out)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(gi, gw, gb) = backward_kernel(grad_out, input, mean, rstd, weight, groups, mask);
     } else {
