@@ -1,5 +1,6 @@
-"""The eager fast path (CPU and CUDA): ``persample::_eager_group_norm`` from the compiled library
-that ``setup.py`` builds out of ``ops/csrc/eager_group_norm.cpp`` (read why there).
+"""The eager fast path, on CPU and CUDA: ``persample::_eager_group_norm`` from the
+compiled library that ``setup.py`` builds out of ``ops/csrc/eager_group_norm.cpp``
+(read why there).
 
 The library is optional. Without it, or with ``PERSAMPLE_DISABLE_CPP=1``, every call
 takes the public op ``persample::group_norm``, whose Python kernels compute the same
