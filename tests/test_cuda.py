@@ -208,16 +208,28 @@ class TestCudaCompiled(TestCase):
             self.assertEqual(b.grad, expected["gn.bias"], atol=1e-4, rtol=1e-4)
 
     def test_compiled_vmap_grad(self):
-        from torch.func import grad, vmap
-        from torch_compile_tests.models import per_sample_loss, stock_loop
+        from torch_compile_tests.models import per_sample_loss
 
-        w, b = torch.rand(6, device="cuda") + 0.5, torch.randn(6, device="cuda")
-        x, t = torch.randn(5, 6, 4, 4, device="cuda"), torch.randn(5, 6, 4, 4, device="cuda")
-        fn = vmap(grad(per_sample_loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))
-        ref = stock_loop(w, b, x, t)
-        for got in (fn(w, b, x, t), torch.compile(fn, fullgraph=True)(w, b, x, t)):
+        args, ref = vmap_grad_case("cuda")
+        fn = per_sample_grad_fn(per_sample_loss)
+        for got in (fn(*args), torch.compile(fn, fullgraph=True)(*args)):
             for g, r in zip(got, ref):
                 self.assertEqual(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def vmap_grad_case(device):
+    """``(weight, bias, x, target)`` and the float64 loop's per-sample (weight, bias)
+    gradients of ``torch_compile_tests.models.per_sample_loss``."""
+    from torch_compile_tests.models import stock_loop
+
+    w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    x, t = torch.randn(5, 6, 4, 4, device=device), torch.randn(5, 6, 4, 4, device=device)
+    return (w, b, x, t), stock_loop(w, b, x, t)
+
+
+def per_sample_grad_fn(loss):
+    return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))
+
 
 class TestEagerTransformsLowering(TestCase):
     """Under eager torch.func transforms, CUDA calls take ATen's GroupNorm on the
@@ -225,23 +237,21 @@ class TestEagerTransformsLowering(TestCase):
     per-example loop's gradients, through the functional API and the module."""
 
     def per_sample_grads(self, device):
-        from torch.func import functional_call, grad, vmap
-        from torch_compile_tests.models import per_sample_loss, stock_loop
+        from torch.func import functional_call
+        from torch_compile_tests.models import per_sample_loss
 
-        w, b = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
-        x, t = torch.randn(5, 6, 4, 4, device=device), torch.randn(5, 6, 4, 4, device=device)
+        args, ref = vmap_grad_case(device)
         layer = persample.nn.GroupNorm(2, 6, device=device)
 
         def module_loss(weight, bias, xi, ti):
             y = functional_call(layer, {"weight": weight, "bias": bias}, (xi[None],))
             return F.mse_loss(y, ti[None], reduction="sum")
 
-        ref = stock_loop(w, b, x, t)
         lowered = [mock.patch.object(m, "aten_group_norm", wraps=functional.aten_group_norm)
                    for m in (functional, persample.nn)]
         with lowered[0] as spy_fn, lowered[1] as spy_module:
             for loss in (per_sample_loss, module_loss):
-                got = vmap(grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, b, x, t)
+                got = per_sample_grad_fn(loss)(*args)
                 for g, r in zip(got, ref):
                     self.assertEqual(g.double(), r, atol=1e-4, rtol=1e-4)
         return spy_fn.call_count, spy_module.call_count
