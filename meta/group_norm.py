@@ -12,8 +12,8 @@ from persample.ops.checks import (
     check_group_norm,
     check_group_norm_backward,
     grad_param_dtype,
-    output_memory_format,
 )
+from persample.ops.layout import output_memory_format
 
 
 @torch.library.register_fake("persample::group_norm")

@@ -3,7 +3,9 @@
 GroupNorm of ``[N, C, *]`` with G groups equals GroupNorm of ``[1, N*C, L]`` with N*G
 groups and an ``[N*C]`` weight, because groups never cross samples. On that view ATen's
 "dgamma" *is* the per-sample weight gradient, for the cost of one plain backward. The
-view needs the contiguous layout; channels_last gets its own backward below.
+view needs the contiguous layout; channels_last gets its own backward below. Every
+function here first makes its tensors dense with canonical strides (``layout.dense``),
+so that ATen's kernels read them in the layout decided here.
 
 Reduced-precision (fp16/bf16) inputs take fp32 params: that is ATen's mixed-dtype path,
 which keeps the saved statistics in fp32 instead of rounding them to the input dtype.
@@ -12,6 +14,7 @@ which keeps the saved statistics in fp32 instead of rounding them to the input d
 import torch
 
 from .checks import acc_dtype, check_group_norm_backward, grad_param_dtype
+from .layout import CONTIGUOUS, dense
 
 _aten_backward = torch.ops.aten.native_group_norm_backward.default
 
@@ -68,9 +71,11 @@ def _bcast(t, input):
 
 
 def forward(input, num_groups, weight, bias, eps):
+    """Output (dense, in the layout ``layout.dense`` picks for ``input``), mean, rstd."""
+    input, fmt = dense(input)
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
-    channels_last = not input.is_contiguous()
+    channels_last = fmt != CONTIGUOUS
     w_row, b_row = shared_row(weight, channels_last), shared_row(bias, channels_last)
     shared = (w_row is not None or weight is None) and (b_row is not None or bias is None)
     if shared:  # any layout: ATen's own kernels
@@ -95,6 +100,8 @@ def forward(input, num_groups, weight, bias, eps):
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     """Contiguous layout, on the per-sample view. Returns grad_input and per-sample
     ``[N, C]`` grads, each None where ``output_mask`` says so."""
+    input, _ = dense(input, CONTIGUOUS)
+    grad_out, _ = dense(grad_out, CONTIGUOUS)
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
     w = _flat(weight, n, c, dtype)
@@ -103,7 +110,7 @@ def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     # contiguous() throughout: ATen's backward reads every argument as a dense array
     # without checking strides, and autograd hands in expanded (stride-0) grad_outs.
     gi, gw, gb = _aten_backward(
-        grad_out.contiguous(), input, mean.contiguous(), rstd.contiguous(), w,
+        grad_out, input, mean.contiguous(), rstd.contiguous(), w,
         1, n * c, length, n * num_groups, output_mask,
     )
     return gi, _param_grad(gw, input, weight), _param_grad(gb, input, weight)
@@ -122,12 +129,13 @@ def _param_grad(g, input, weight):
 def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     """channels_last does not admit the view: ATen's channels_last kernel gives
     grad_input, and ATen's dgamma formula, kept per sample, gives the parameters."""
+    input, fmt = dense(input)
+    # One layout for everything: ATen crashes when grad_out's layout differs from
+    # input's (seen with float64), and the reductions below want dense rows.
+    grad_out, _ = dense(grad_out, fmt)
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    # One layout for everything: ATen crashes when grad_out's layout differs from
-    # input's (seen with float64), and the reductions below want dense rows.
-    grad_out = grad_out.contiguous(memory_format=torch._prims_common.suggest_memory_format(input))
     gi = None
     if output_mask[0]:
         dy, w = grad_out, shared_row(weight, by_value=True)

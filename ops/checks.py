@@ -168,12 +168,3 @@ def check_group_norm_backward(grad_out, input, mean, rstd, weight, num_groups, e
         )
     _check_param("weight", weight, input)
 
-
-def output_memory_format(input):
-    """Memory format of the output and of grad_input, as nn.GroupNorm gives it.
-
-    ATen keeps channels_last on CPU and returns contiguous output on CUDA.
-    """
-    if input.device.type != "cpu" or input.dim() < 4 or input.is_contiguous():
-        return torch.contiguous_format
-    return torch._prims_common.suggest_memory_format(input)

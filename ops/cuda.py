@@ -12,8 +12,8 @@ from .checks import (
     acc_dtype,
     check_group_norm,
     grad_param_dtype,
-    output_memory_format,
 )
+from .layout import output_memory_format
 from .library import lib
 
 

@@ -74,13 +74,40 @@ bool nothing_intercepts() {
          c10::impl::TorchDispatchModeTLS::stack_len() == 0;
 }
 
-bool channels_last(const Tensor& t) {
-  return (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-         (t.dim() == 5 && t.is_contiguous(at::MemoryFormat::ChannelsLast3d));
-}
-
 at::MemoryFormat cl_format(const Tensor& t) {
   return t.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
+}
+
+bool channels_last(const Tensor& t) {
+  return (t.dim() == 4 || t.dim() == 5) && t.is_contiguous(cl_format(t));
+}
+
+// ops/layout.py's rule, read why there: a tensor with size-1 dims can be dense in
+// several formats, and ATen's kernels pick theirs by suggest_memory_format(), which may
+// disagree with ours. So the format is decided once, contiguous first, and ATen gets
+// that format's canonical strides. For tensors dense in one of the two (fast_ok).
+at::MemoryFormat dense_format(const Tensor& t) {
+  return t.is_contiguous() ? at::MemoryFormat::Contiguous : cl_format(t);
+}
+
+// t's values, dense in fmt, with fmt's canonical strides (a free view when t is dense).
+Tensor canonical(const Tensor& t, at::MemoryFormat fmt) {
+  const Tensor d = t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+  const auto sizes = d.sizes();
+  std::vector<int64_t> strides;
+  if (fmt == at::MemoryFormat::Contiguous) {
+    strides.resize(sizes.size());
+    int64_t s = 1;
+    for (int64_t i = static_cast<int64_t>(sizes.size()) - 1; i >= 0; --i) {
+      strides[i] = s;
+      s *= std::max<int64_t>(sizes[i], 1);
+    }
+  } else if (fmt == at::MemoryFormat::ChannelsLast) {
+    strides = c10::get_channels_last_strides_2d(sizes);
+  } else {
+    strides = c10::get_channels_last_strides_3d(sizes);
+  }
+  return d.strides() == c10::IntArrayRef(strides) ? d : d.as_strided(sizes, strides);
 }
 
 bool param_ok(const OptTensor& p, const Tensor& input) {
@@ -140,9 +167,10 @@ Tensor3 forward_kernel(const Tensor& input_, int64_t groups, const OptTensor& we
                        const OptTensor& bias, double eps) {
   // ATen's CUDA GroupNorm has no channels_last kernel; like ops/cuda.py, this runs it on
   // a contiguous copy, and so does the backward.
-  const Tensor input = input_.is_cuda() ? input_.contiguous() : input_;
+  const auto fmt = input_.is_cuda() ? at::MemoryFormat::Contiguous : dense_format(input_);
+  const Tensor input = canonical(input_, fmt);
   const int64_t n = input.size(0), c = input.size(1), length = input.numel() / (n * c);
-  const bool cl = !input.is_contiguous();
+  const bool cl = fmt != at::MemoryFormat::Contiguous;
   const auto w_row = shared_row(weight, cl), b_row = shared_row(bias, cl);
   if ((w_row || !weight) && (b_row || !bias)) {
     return at::native_group_norm(input, dense(w_row), dense(b_row), n, c, length, groups, eps);
@@ -158,7 +186,7 @@ Tensor3 forward_kernel(const Tensor& input_, int64_t groups, const OptTensor& we
   auto [out, mean, rstd] = at::native_group_norm(input, {}, {}, n, c, length, groups, eps);
   if (weight) out = out * bcast(*weight, input);
   if (bias) out = out + bcast(*bias, input);
-  return {out.contiguous(cl_format(input)), mean, rstd};
+  return {out.contiguous(fmt), mean, rstd};
 }
 
 // The fused backward kernels below read dy and x once for their per-(n, c) sums, which
@@ -326,21 +354,21 @@ void backward_contiguous_kernel(const BackwardArgs<T>& a) {
 Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input_, const Tensor& mean,
                         const Tensor& rstd, const OptTensor& weight, int64_t groups,
                         std::array<bool, 3> mask) {
-  const Tensor input = input_.is_cuda() ? input_.contiguous() : input_;  // see the forward
+  // See the forward; grad_out takes the input's layout.
+  const auto fmt = input_.is_cuda() ? at::MemoryFormat::Contiguous : dense_format(input_);
+  const Tensor input = canonical(input_, fmt), dy = canonical(grad_out, fmt);
   const int64_t n = input.size(0), c = input.size(1), length = input.numel() / (n * c);
-  const bool contiguous = input.is_contiguous();
+  const bool contiguous = fmt == at::MemoryFormat::Contiguous;
   // ATen's kernels on the per-sample view: on CUDA (contiguous there, see the forward),
   // and on CPU for short rows, where per-row sums cost more than ATen's vectorised
   // passes save (measured: ATen's kernel 5-20% faster at L <= 64, ours ~30% faster from
   // L = 128 up).
   if (contiguous && (length < 128 || input.is_cuda())) {
     auto [gi, gw, gb] = at::native_group_norm_backward(
-        grad_out.contiguous(), input, mean.contiguous(), rstd.contiguous(),
+        dy, input, mean.contiguous(), rstd.contiguous(),
         flat(weight, n, c, input), 1, n * c, length, n * groups, mask);
     return {gi, mask[1] ? gw.view({n, c}) : Tensor(), mask[2] ? gb.view({n, c}) : Tensor()};
   }
-  const auto fmt = contiguous ? at::MemoryFormat::Contiguous : cl_format(input);
-  const Tensor dy = grad_out.contiguous(fmt);
   const Tensor mean_c = mean.contiguous(), rstd_c = rstd.contiguous();
   const OptTensor gamma = dense(weight);
   Tensor gi, gw, gb;
