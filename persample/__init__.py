@@ -8,9 +8,17 @@ implementations, autograd and vmap rules).
 from . import ops  # noqa: F401  (defines the ops)
 from . import meta  # noqa: F401  (registers their fake impls)
 from . import nn
+from . import export  # noqa: F401  (lowers the ops to ATen under ONNX export)
 from .grad_sample import call_for_per_sample_grads
-from .nn import convert_group_norm
+from .nn import convert_group_norm, revert_group_norm
 from .ops import group_norm
 
-__all__ = ["group_norm", "nn", "convert_group_norm", "call_for_per_sample_grads"]
+__all__ = [
+    "group_norm",
+    "nn",
+    "export",
+    "convert_group_norm",
+    "revert_group_norm",
+    "call_for_per_sample_grads",
+]
 __version__ = "0.1.0"

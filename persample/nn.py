@@ -6,7 +6,7 @@ from .ops import eager
 from .ops.functional import aten_group_norm, use_aten
 from .ops.library import group_norm_op
 
-__all__ = ["GroupNorm", "convert_group_norm"]
+__all__ = ["GroupNorm", "convert_group_norm", "revert_group_norm"]
 
 
 class GroupNorm(torch.nn.GroupNorm):
@@ -105,6 +105,35 @@ def convert_group_norm(module):
         return new
     for name, child in module.named_children():
         new_child = convert_group_norm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module
+
+
+def revert_group_norm(module):
+    """Replace every :class:`persample.nn.GroupNorm` in ``module`` with a stock
+    ``nn.GroupNorm``: the inverse of :func:`convert_group_norm`.
+
+    For a model that must not depend on persample, e.g. one trained with per-sample
+    gradients and then deployed. The replacements share the original ``Parameter``
+    objects (an optimizer built before the call keeps working) and keep ``eps``,
+    ``affine``, the training flag and the ``state_dict`` keys; the converted module is
+    returned (``module`` itself is converted in place unless it is a GroupNorm).
+
+    Args:
+        module (nn.Module): a model, or a single ``persample.nn.GroupNorm``.
+
+    Returns:
+        nn.Module: the converted module.
+    """
+    if type(module) is GroupNorm:
+        new = torch.nn.GroupNorm(module.num_groups, module.num_channels, module.eps, affine=False)
+        new.affine = module.affine
+        new.weight, new.bias = module.weight, module.bias
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        new_child = revert_group_norm(child)
         if new_child is not child:
             setattr(module, name, new_child)
     return module
