@@ -73,25 +73,36 @@ def _bcast(t, input):
 def forward(input, num_groups, weight, bias, eps):
     """Output (dense, in the layout ``layout.dense`` picks for ``input``), mean, rstd."""
     input, fmt = dense(input)
+    if fmt != CONTIGUOUS:
+        return forward_channels_last(input, num_groups, weight, bias, eps)
     n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
-    channels_last = fmt != CONTIGUOUS
-    w_row, b_row = shared_row(weight, channels_last), shared_row(bias, channels_last)
-    shared = (w_row is not None or weight is None) and (b_row is not None or bias is None)
-    if shared:  # any layout: ATen's own kernels
+    w_row, b_row = shared_row(weight), shared_row(bias)
+    if (w_row is not None or weight is None) and (b_row is not None or bias is None):
         w, b = _as(w_row, dtype), _as(b_row, dtype)
         if w is None and b is None and dtype != input.dtype:
             w = input.new_ones((c,), dtype=dtype)
         return torch.native_group_norm(input, w, b, n, c, length, num_groups, eps)
-    if not channels_last:  # the per-sample view
-        w, b = _flat(weight, n, c, dtype), _flat(bias, n, c, dtype)
-        out, mean, rstd = torch.native_group_norm(input, w, b, 1, n * c, length, n * num_groups, eps)
-        return out, mean.view(n, num_groups), rstd.view(n, num_groups)
-    # Per-sample params on channels_last: normalise with ATen, then one affine pass.
-    ones = input.new_ones((c,), dtype=dtype) if dtype != input.dtype else None
-    out, mean, rstd = torch.native_group_norm(input, ones, None, n, c, length, num_groups, eps)
+    w, b = _flat(weight, n, c, dtype), _flat(bias, n, c, dtype)
+    out, mean, rstd = torch.native_group_norm(input, w, b, 1, n * c, length, n * num_groups, eps)
+    return out, mean.view(n, num_groups), rstd.view(n, num_groups)
+
+
+def forward_channels_last(input, num_groups, weight, bias, eps):
+    """channels_last, from ATen ops: ATen's channels_last GroupNorm kernel takes the
+    variance as E[x^2] - mean^2, which cancels when |mean| >> std (measured in fp32 at
+    mean/std = 1e3: output error 0.29, against 8e-5 from its contiguous kernel). So the
+    statistics come from ``var_mean`` (Welford) over the rows as they lie in memory,
+    and elementwise ops normalise. The C++ library has a faster kernel for it."""
+    n, c, length = sizes(input)
+    d, dtype = c // num_groups, acc_dtype(input.dtype)
+    rows = input.movedim(1, -1).reshape(n, length, num_groups, d)
+    var, mean = torch.var_mean(rows.to(dtype), dim=(1, 3), correction=0)
+    rstd = torch.rsqrt(var + eps)
+    scale = rstd.repeat_interleave(d, 1)
     if weight is not None:
-        out = out * _bcast(_as(weight, dtype).expand(n, c), input)
+        scale = scale * _as(weight, dtype)
+    out = (input.to(dtype) - _bcast(mean.repeat_interleave(d, 1), input)) * _bcast(scale, input)
     if bias is not None:
         out = out + _bcast(_as(bias, dtype).expand(n, c), input)
     return out.to(input.dtype), mean, rstd

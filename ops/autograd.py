@@ -128,6 +128,8 @@ class GroupNormAutograd(_SingleLevelFunction):
         # an [N, C] one keeps the per-sample rows.
         ctx.sum_weight = weight is not None and weight.dim() == 1
         ctx.sum_bias = bias is not None and bias.dim() == 1
+        # The backward op's per-sample grads are fp32 for fp16/bf16 input: sum, then round.
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.save_for_backward(input, mean, rstd, weight)
         ctx.save_for_forward(input, weight, bias)
@@ -160,8 +162,11 @@ class GroupNormAutograd(_SingleLevelFunction):
                 grad_out, input, mean, rstd, weight, ctx.num_groups, mask, ctx.eps
             )
             gi, gw, gb = (g if need else None for g, need in zip((gi, gw, gb), mask))
-        if gw is not None and ctx.sum_weight:
-            gw = gw.sum(0)
+        if gw is not None:
+            if ctx.sum_weight:
+                gw = gw.sum(0)
+            if gw.dtype != ctx.weight_dtype:
+                gw = gw.to(ctx.weight_dtype)
         if gb is not None:
             if ctx.sum_bias:
                 gb = gb.sum(0)

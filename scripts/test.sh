@@ -24,5 +24,6 @@ for v in "${versions[@]}"; do
     # The eager tests again without the library: what a plain (isolated) install runs.
     PERSAMPLE_DISABLE_CPP=1 "$venv/bin/python" -m pytest -q tests/test_group_norm.py \
         tests/test_dtypes.py tests/test_dispatch.py tests/test_module.py \
-        tests/test_double_backward.py tests/test_eager_fast_path.py
+        tests/test_double_backward.py tests/test_eager_fast_path.py \
+        tests/test_regressions.py tests/test_properties_errors.py
 done

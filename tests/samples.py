@@ -109,7 +109,10 @@ def _leaf(p, i, c, fill):
 
 
 def reference(x, num_groups, weight, bias, eps, grad_out):
-    """Per-example loop over stock ``F.group_norm`` in float64, on CPU.
+    """Per-example loop over stock ``torch.group_norm`` in float64, on CPU.
+
+    ``torch.group_norm`` rather than ``F.group_norm``: the latter refuses a group of a
+    single element when N = 1 (a BatchNorm-style check), which the ops compute.
 
     Returns ``(out, grad_input, grad_weight, grad_bias)``; the parameter gradients are
     per-sample ``[N, C]`` (an absent weight counts as ones, an absent bias as zeros).
@@ -121,7 +124,7 @@ def reference(x, num_groups, weight, bias, eps, grad_out):
         # contiguous grad (upstream bug).
         xi = x[i : i + 1].detach().to("cpu", torch.float64).contiguous().requires_grad_()
         wi, bi = _leaf(weight, i, c, 1.0), _leaf(bias, i, c, 0.0)
-        yi = F.group_norm(xi, num_groups, wi, bi, eps)
+        yi = torch.group_norm(xi, num_groups, wi, bi, eps)
         gi = grad_out[i : i + 1].detach().to("cpu", torch.float64).contiguous()
         outs.append(yi.detach())
         grads.append(torch.autograd.grad(yi, (xi, wi, bi), gi))

@@ -1,0 +1,256 @@
+"""Property-based tests: random GroupNorm problems (tests/strategies.py) against the
+float64 per-example loop over stock ``torch.group_norm``, on every path a call can take.
+
+float64 must match tightly. In lower precisions (fp32 included) the error of each
+result may be at most twice stock ATen's error on the same per-example problem in the
+same dtype, plus a few units in the last place; stock's error is measured here, on the
+same rounded inputs.
+"""
+
+import contextlib
+import itertools
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import persample
+from persample.ops import eager
+from samples import group_norm_backward_op, group_norm_op, reference
+from strategies import F32, F64, arrange, calls, examples, layouts
+
+MASKS = [list(m) for m in itertools.product((False, True), repeat=3)]
+PATHS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(eager.LIBRARY is None, reason="C++ library not loaded")),
+    "python",
+]
+
+
+@contextlib.contextmanager
+def kernel_path(path):
+    """``cpp``: as installed (the C++ library serves what it handles). ``python``: the
+    public op's Python kernels alone, as without the library."""
+    if path == "python":
+        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_channels_last=None):
+            yield
+    else:
+        yield
+
+
+def significant_strides(t):
+    return [s for s, n in zip(t.stride(), t.shape) if n > 1]
+
+
+def check_close(got, want, stock, what):
+    """``got`` against the float64 reference ``want``; outside float64 its error may be
+    at most twice ``stock``'s (stock ATen in the same dtype) plus 4 ulps of the scale."""
+    got64 = got.detach().to(F64)
+    assert got64.shape == want.shape, what
+    if got.dtype == F64:
+        torch.testing.assert_close(got64, want, rtol=1e-7, atol=1e-9 * (1 + want.abs().max()), msg=what)
+        return
+    err = (got64 - want).abs().max().item()
+    stock_err = (stock.detach().to(F64) - want).abs().max().item()
+    floor = 4 * torch.finfo(got.dtype).eps * (1 + want.abs().max().item())
+    assert err <= 2 * stock_err + floor, (
+        f"{what}: max error {err:.3g} against stock ATen's {stock_err:.3g} (floor {floor:.3g})"
+    )
+
+
+def param_dtype(call):
+    p = call.weight if call.weight is not None else call.bias
+    return call.x.dtype if p is None else p.dtype
+
+
+def stock_per_example(call):
+    """Stock ``torch.group_norm`` in the call's own dtypes, one example at a time with its
+    own parameter rows: ``(out, grad_input, grad_weight rows, grad_bias rows)``."""
+    c, dtype = call.x.shape[1], param_dtype(call)
+    outs = []
+    for i in range(call.x.shape[0]):
+        xi = call.x[i : i + 1].detach().contiguous().requires_grad_()
+        wi, bi = (
+            (torch.full((c,), fill, dtype=dtype) if p is None else p[i] if p.dim() == 2 else p)
+            .detach().clone().requires_grad_()
+            for p, fill in ((call.weight, 1.0), (call.bias, 0.0))
+        )
+        yi = torch.group_norm(xi, call.groups, wi, bi, call.eps)
+        grads = torch.autograd.grad(yi, (xi, wi, bi), call.grad_out[i : i + 1].contiguous())
+        outs.append((yi.detach(), *grads))
+    y, gx, gw, gb = zip(*outs)
+    return torch.cat(y), torch.cat(gx), torch.stack(gw), torch.stack(gb)
+
+
+def stock_param_sums(call, stock_rows):
+    """Stock's batch-summed gradient of each ``[C]`` parameter: from one full-batch
+    ``torch.group_norm`` (fp32 sums, one rounding) when both parameters are ``[C]`` or
+    absent; else the per-example rows summed exactly, then rounded."""
+    if all(p is None or p.dim() == 1 for p in (call.weight, call.bias)):
+        x = call.x.detach().contiguous()
+        leaves = [None if p is None else p.detach().clone().requires_grad_() for p in (call.weight, call.bias)]
+        wanted = [p for p in leaves if p is not None]
+        if not wanted:
+            return [None, None]
+        # Ones for an absent weight: torch 2.13's backward fails with a bias and no
+        # weight ("tensor does not have a device"; fixed in 2.14).
+        weight = leaves[0] if leaves[0] is not None else torch.ones_like(leaves[1])
+        y = torch.group_norm(x, call.groups, weight, leaves[1], call.eps)
+        grads = iter(torch.autograd.grad(y, wanted, call.grad_out.contiguous()))
+        return [None if p is None else next(grads) for p in leaves]
+    return [None if p is None else rows.to(F64).sum(0).to(rows.dtype)
+            for p, rows in zip((call.weight, call.bias), stock_rows)]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@examples(50)
+@given(call=calls())
+def test_autograd_matches_reference(path, call):
+    leaves = [None if t is None else t.detach().requires_grad_(r)
+              for t, r in zip((call.x, call.weight, call.bias), call.requires_grad)]
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    with kernel_path(path):
+        y = persample.group_norm(leaves[0], call.groups, leaves[1], leaves[2], call.eps)
+        grads = iter(torch.autograd.grad(y, wanted, call.grad_out) if wanted else ())
+    grads = [next(grads) if t is not None and t.requires_grad else None for t in leaves]
+    ref = reference(call.x, call.groups, call.weight, call.bias, call.eps, call.grad_out)
+    stock = stock_per_example(call)
+    check_close(y, ref[0], stock[0], "output")
+    stock_y = torch.group_norm(call.x, call.groups, None, None, call.eps)
+    assert significant_strides(y) == significant_strides(stock_y), "output layout"
+    if grads[0] is not None:
+        check_close(grads[0], ref[1], stock[1], "grad_input")
+        assert significant_strides(grads[0]) == significant_strides(stock_grad_input(call)), "grad_input layout"
+    sums = stock_param_sums(call, stock[2:])
+    for name, p, g, rows, stock_rows, stock_sum in zip(
+        ("weight", "bias"), leaves[1:], grads[1:], ref[2:], stock[2:], sums
+    ):
+        if g is None:
+            continue
+        assert g.dtype == p.dtype and g.shape == p.shape, name
+        if p.dim() == 2:
+            check_close(g, rows, stock_rows, f"per-sample grad_{name}")
+        else:
+            check_close(g, rows.sum(0), stock_sum, f"summed grad_{name}")
+
+
+def stock_grad_input(call):
+    """Stock's grad_input for this input (its layout is what is compared)."""
+    x = call.x.detach().requires_grad_()
+    y = torch.group_norm(x, call.groups, None, None, call.eps)
+    return torch.autograd.grad(y, x, torch.ones_like(y))[0]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@examples(50)
+@given(call=calls())
+def test_ops_match_reference_and_fakes(path, call):
+    x, w, b, go = (None if t is None else t.detach() for t in (call.x, call.weight, call.bias, call.grad_out))
+    with kernel_path(path):
+        fwd = group_norm_op(x, call.groups, w, b, call.eps)
+        bwd = [group_norm_backward_op(go, x, fwd[1], fwd[2], w, call.groups, m, call.eps) for m in MASKS]
+    ref = reference(x, call.groups, w, b, call.eps, go)
+    stock = stock_per_example(call)
+    check_close(fwd[0], ref[0], stock[0], "output")
+    check_statistics(call, fwd[1], fwd[2])
+    for mask, grads in zip(MASKS, bwd):
+        for name, wanted, g, want, stock_g in zip(
+            ("grad_input", "grad_weight", "grad_bias"), mask, grads, ref[1:], stock[1:]
+        ):
+            if wanted:
+                check_close(g, want, stock_g, f"{name} with output_mask {mask}")
+            else:
+                assert g.shape == (0,), f"masked {name} with output_mask {mask}"
+    check_fakes(call, fwd, bwd)
+
+
+def check_statistics(call, mean, rstd):
+    """Mean and rstd against float64 statistics of the same rounded input, bounded by
+    the statistics stock ``native_group_norm`` saves in the same dtype."""
+    n, c = call.x.shape[:2]
+    v = call.x.to(F64).reshape(n, call.groups, -1)
+    want_mean, want_rstd = v.mean(-1), (v.var(-1, unbiased=False) + call.eps).rsqrt()
+    x = call.x.contiguous()
+    _, stock_mean, stock_rstd = torch.native_group_norm(
+        x, None, None, n, c, x.numel() // (n * c), call.groups, call.eps
+    )
+    check_close(mean, want_mean, stock_mean.view(n, -1), "mean")
+    check_close(rstd, want_rstd, stock_rstd.view(n, -1), "rstd")
+
+
+def check_fakes(call, fwd, bwd):
+    """The fake implementations' shapes, dtypes and significant strides (sizes > 1), on
+    fake copies of the same tensors, against the kernels' results."""
+    real = [None if t is None else t.detach()
+            for t in (call.x, call.weight, call.bias, call.grad_out, fwd[1], fwd[2])]
+    with FakeTensorMode() as mode:
+        x, w, b, go, mean, rstd = (None if t is None else mode.from_tensor(t) for t in real)
+        fake_fwd = group_norm_op(x, call.groups, w, b, call.eps)
+        fake_bwd = [group_norm_backward_op(go, x, mean, rstd, w, call.groups, m, call.eps) for m in MASKS]
+    for real, fake in zip((*fwd, *itertools.chain(*bwd)), (*fake_fwd, *itertools.chain(*fake_bwd))):
+        assert (fake.shape, fake.dtype) == (real.shape, real.dtype)
+        assert significant_strides(fake) == significant_strides(real), (fake.stride(), real.stride())
+
+
+@examples(4, long_share=0.02)
+@given(call=calls(dtypes=(F64, F32)), backend=st.sampled_from(["aot_eager", "inductor"]))
+def test_compiled_matches_reference(call, backend):
+    torch._dynamo.reset()  # a fresh graph per example: no recompile limit, no stale guards
+
+    def fn(x, w, b):
+        return persample.group_norm(x, call.groups, w, b, call.eps)
+
+    leaves = [None if t is None else t.detach().requires_grad_(t.is_floating_point())
+              for t in (call.x, call.weight, call.bias)]
+    y = torch.compile(fn, backend=backend, fullgraph=True)(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(y, wanted, call.grad_out)
+    ref = reference(call.x, call.groups, call.weight, call.bias, call.eps, call.grad_out)
+    stock = stock_per_example(call)
+    check_close(y, ref[0], stock[0], f"{backend} output")
+    check_close(grads[0], ref[1], stock[1], f"{backend} grad_input")
+    sums = stock_param_sums(call, stock[2:])
+    params = [(p, rows, s_rows, s_sum) for p, rows, s_rows, s_sum
+              in zip(leaves[1:], ref[2:], stock[2:], sums) if p is not None]
+    for g, (p, rows, stock_rows, stock_sum) in zip(grads[1:], params):
+        if p.dim() == 2:
+            check_close(g, rows, stock_rows, f"{backend} per-sample parameter grad")
+        else:
+            check_close(g, rows.sum(0), stock_sum, f"{backend} summed parameter grad")
+
+
+@examples(20)
+@given(call=calls(dtypes=(F64, F32)), data=st.data())
+def test_vmap_matches_loop(call, data):
+    """vmap over a leading dim in a random layout, each item a random call: the vmap
+    rules fold it into N, and must equal a loop over the items of the op itself (which
+    the properties above check against the reference)."""
+    b = data.draw(st.integers(1, 3), label="vmapped size")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1), label="seed"))
+
+    def batched(t):
+        shape = (b, *t.shape)
+        layout = data.draw(layouts(len(shape)), label="layout")
+        return arrange(shape, layout, lambda s: torch.randn(s, generator=gen, dtype=F64).to(t.dtype))
+
+    x, go = batched(call.x), batched(call.grad_out)
+    w = call.weight if call.weight is None or data.draw(st.booleans()) else batched(call.weight)
+    mask = data.draw(st.sampled_from(MASKS), label="output_mask")
+    w_dim = None if w is call.weight else 0
+
+    def forward(x, w):
+        return group_norm_op(x, call.groups, w, call.bias, call.eps)
+
+    def backward(go, x, mean, rstd, w):
+        return group_norm_backward_op(go, x, mean, rstd, w, call.groups, mask, call.eps)
+
+    tol = dict(rtol=1e-5, atol=1e-5) if call.x.dtype == F32 else {}
+    got = torch.func.vmap(forward, in_dims=(0, w_dim))(x, w)
+    want = [torch.stack(o) for o in zip(*(forward(x[i], w if w_dim is None else w[i]) for i in range(b)))]
+    torch.testing.assert_close(list(got), want, **tol)
+    got = torch.func.vmap(backward, in_dims=(0, 0, 0, 0, w_dim))(go, x, got[1], got[2], w)
+    items = [backward(go[i], x[i], want[1][i], want[2][i], w if w_dim is None else w[i]) for i in range(b)]
+    # A masked output is an unbatched empty placeholder, which vmap expands over B.
+    torch.testing.assert_close(list(got), [torch.stack(o) for o in zip(*items)], **tol)

@@ -1,0 +1,129 @@
+"""Silent wrong results (and one crash) found by random testing, kept as plain examples,
+each on the C++ path and on the Python kernels alone."""
+
+import contextlib
+from unittest import mock
+
+import pytest
+import torch
+
+import persample
+from persample.ops import eager
+from samples import TOL, reference
+
+CL, CL3 = torch.channels_last, torch.channels_last_3d
+F32, F64 = torch.float32, torch.float64
+PATHS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(eager.LIBRARY is None, reason="C++ library not loaded")),
+    "python",
+]
+
+
+@contextlib.contextmanager
+def kernel_path(path):
+    if path == "python":
+        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_channels_last=None):
+            yield
+    else:
+        yield
+
+
+def check(x, groups, w, b, grad_out, tol):
+    leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+    y = persample.group_norm(leaves[0], groups, leaves[1], leaves[2])
+    grads = torch.autograd.grad(y, leaves, grad_out)
+    ref = reference(x, groups, w, b, 1e-5, grad_out)
+    torch.testing.assert_close(y.double(), ref[0], **tol)
+    torch.testing.assert_close(grads[0].double(), ref[1], **tol)
+    for p, g, rows in zip((w, b), grads[1:], ref[2:]):
+        torch.testing.assert_close(g.double(), rows if p.dim() == 2 else rows.sum(0), **tol)
+
+
+# One channel is contiguous and channels_last at once. ATen's kernels chose their layout
+# by suggest_memory_format() (channels_last) while persample had decided "contiguous",
+# so under the per-sample view they read the memory as the wrong layout: wrong
+# grad_input, and a wrong output with [N, C] parameters (the issue's four examples).
+C1_CASES = [
+    ((2, 1, 1, 2), CL, "shared"),
+    ((4, 1, 8, 8), CL, "shared"),
+    ((2, 1, 3, 3, 3), CL3, "shared"),
+    ((3, 1, 2, 2), CL, "per_sample"),
+    ((4, 1, 16, 16), CL, "per_sample"),  # long rows: the C++ fused kernels' path
+    ((4, 3, 1, 1), CL, "per_sample"),  # H = W = 1: also contiguous and channels_last
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("dtype", [F32, F64])
+@pytest.mark.parametrize("shape,fmt,params", C1_CASES)
+def test_size_one_dims_in_channels_last(path, dtype, shape, fmt, params):
+    torch.manual_seed(0)
+    n, c = shape[:2]
+    x = torch.randn(shape, dtype=dtype).to(memory_format=fmt)
+    p_shape = (c,) if params == "shared" else (n, c)
+    w, b = torch.rand(p_shape, dtype=dtype) + 0.5, torch.randn(p_shape, dtype=dtype)
+    with kernel_path(path):
+        check(x, 1, w, b, torch.randn(shape, dtype=dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_one_channel_with_odd_strides_does_not_crash(path):
+    # Found as a segmentation fault: C = 1 channels_last input, per-sample parameters with
+    # transposed strides, grad_out at a storage offset.
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 1, 4).to(memory_format=CL)
+    w = torch.randn(1, 2).t()
+    b = torch.randn(2, 1)
+    grad_out = torch.randn(11)[3:].view(2, 1, 1, 4)
+    with kernel_path(path):
+        check(x, 1, w, b, grad_out, TOL[F32])
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("params", ["shared", "per_sample"])
+def test_channels_last_statistics_at_large_mean(path, params):
+    # ATen's channels_last CPU kernel takes the variance as E[x^2] - mean^2: at
+    # mean/std = 1e3 in fp32 its output was off by 0.29 (stock nn.GroupNorm too), against
+    # 8e-5 from its contiguous kernel. persample's must be as good on both layouts.
+    torch.manual_seed(0)
+    x = (torch.randn(4, 8, 6, 6, dtype=F64) + 1e3).float()
+    w = torch.rand(8) + 0.5 if params == "shared" else torch.rand(4, 8) + 0.5
+    ref = reference(x, 2, w, None, 1e-5, torch.ones_like(x))[0]
+    stock_err = (torch.group_norm(x, 2, None, None, 1e-5).double() - ref / _bcast(w)).abs().max()
+    with kernel_path(path):
+        for fmt in (torch.contiguous_format, CL):
+            y = persample.group_norm(x.contiguous(memory_format=fmt), 2, w)
+            assert y.is_contiguous(memory_format=fmt)
+            err = ((y.double() - ref) / _bcast(w)).abs().max()
+            assert err <= 3 * stock_err, (fmt, err.item(), stock_err.item())
+
+
+def _bcast(w):
+    return w[None, :, None, None] if w.dim() == 1 else w[:, :, None, None]
+
+
+def test_bf16_summed_gradients_as_accurate_as_stock():
+    # The per-sample rows of a shared [C] parameter were rounded to bf16 before autograd
+    # summed them: the bias gradient was worse than twice stock's error in 1 of 5 cases.
+    worse = []
+    for seed in range(50):
+        torch.manual_seed(seed)
+        x = torch.randn(5, 5, 5, dtype=torch.bfloat16, requires_grad=True)
+        w = (torch.rand(5) + 0.5).bfloat16().requires_grad_()
+        b = torch.randn(5).bfloat16().requires_grad_()
+        grad_out = torch.randn(5, 5, 5).bfloat16()
+        ours = torch.autograd.grad(persample.group_norm(x, 1, w, b), (w, b), grad_out)
+        stock = torch.autograd.grad(torch.group_norm(x, 1, w, b), (w, b), grad_out)
+        ref = reference(x, 1, w, b, 1e-5, grad_out)
+        for name, g, s, rows in zip(("weight", "bias"), ours, stock, ref[2:]):
+            err, stock_err = ((t.double() - rows.sum(0)).abs().max() for t in (g, s))
+            if err > 2 * stock_err + 1e-2:
+                worse.append((seed, name, err.item(), stock_err.item()))
+    assert not worse
+
+
+def test_oversized_num_groups_names_the_public_op():
+    # An int the schema cannot hold fails in argument parsing; the message named the
+    # private C++ op.
+    with pytest.raises(RuntimeError, match=r"^persample::group_norm\(\) Expected a value of type 'int'"):
+        persample.group_norm(torch.randn(2, 4, 3), 2**63)
