@@ -93,19 +93,22 @@ def forward_channels_last(input, num_groups, weight, bias, eps):
     variance as E[x^2] - mean^2, which cancels when |mean| >> std (measured in fp32 at
     mean/std = 1e3: output error 0.29, against 8e-5 from its contiguous kernel). So the
     statistics come from ``var_mean`` (Welford) over the rows as they lie in memory,
-    and elementwise ops normalise. The C++ library has a faster kernel for it."""
+    and elementwise ops normalise, centred on a float64 mean for fp32 input (one rounded
+    to fp32 would cost its rounding error times rstd when |mean| >> std). The C++
+    library has a faster kernel for it."""
     n, c, length = sizes(input)
     d, dtype = c // num_groups, acc_dtype(input.dtype)
+    work = torch.float64 if dtype == torch.float32 and input.dtype == dtype else dtype
     rows = input.movedim(1, -1).reshape(n, length, num_groups, d)
-    var, mean = torch.var_mean(rows.to(dtype), dim=(1, 3), correction=0)
+    var, mean = torch.var_mean(rows.to(work), dim=(1, 3), correction=0)
     rstd = torch.rsqrt(var + eps)
     scale = rstd.repeat_interleave(d, 1)
     if weight is not None:
-        scale = scale * _as(weight, dtype)
-    out = (input.to(dtype) - _bcast(mean.repeat_interleave(d, 1), input)) * _bcast(scale, input)
+        scale = scale * _as(weight, work)
+    out = (input.to(work) - _bcast(mean.repeat_interleave(d, 1), input)) * _bcast(scale, input)
     if bias is not None:
-        out = out + _bcast(_as(bias, dtype).expand(n, c), input)
-    return out.to(input.dtype), mean, rstd
+        out = out + _bcast(_as(bias, work).expand(n, c), input)
+    return out.to(input.dtype), mean.to(dtype), rstd.to(dtype)
 
 
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):

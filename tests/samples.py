@@ -108,6 +108,10 @@ def _leaf(p, i, c, fill):
     return row.detach().to("cpu", torch.float64).clone().requires_grad_()
 
 
+def _canonical(t):
+    return t.detach().to("cpu", torch.float64).clone(memory_format=torch.contiguous_format)
+
+
 def reference(x, num_groups, weight, bias, eps, grad_out):
     """Per-example loop over stock ``torch.group_norm`` in float64, on CPU.
 
@@ -120,12 +124,13 @@ def reference(x, num_groups, weight, bias, eps, grad_out):
     c = x.shape[1]
     outs, grads = [], []
     for i in range(x.shape[0]):
-        # Contiguous: stock float64 CPU backward crashes on channels_last input with a
-        # contiguous grad (upstream bug).
-        xi = x[i : i + 1].detach().to("cpu", torch.float64).contiguous().requires_grad_()
+        # Canonical contiguous strides (clone, not contiguous(), which keeps the strides
+        # of size-1 dims): stock CPU backward crashes, or reads the wrong layout, when
+        # input and grad_out look like different memory formats (upstream bug).
+        xi = _canonical(x[i : i + 1]).requires_grad_()
         wi, bi = _leaf(weight, i, c, 1.0), _leaf(bias, i, c, 0.0)
         yi = torch.group_norm(xi, num_groups, wi, bi, eps)
-        gi = grad_out[i : i + 1].detach().to("cpu", torch.float64).contiguous()
+        gi = _canonical(grad_out[i : i + 1])
         outs.append(yi.detach())
         grads.append(torch.autograd.grad(yi, (xi, wi, bi), gi))
     gx, gw, gb = zip(*grads)

@@ -40,6 +40,13 @@ def kernel_path(path):
         yield
 
 
+def canonical(t):
+    """A dense contiguous copy with canonical strides: stock ATen crashes, or reads the
+    wrong layout, when input and grad_out look like different memory formats, which
+    ``contiguous()`` allows for tensors with size-1 dims."""
+    return t.detach().clone(memory_format=torch.contiguous_format)
+
+
 def significant_strides(t):
     return [s for s, n in zip(t.stride(), t.shape) if n > 1]
 
@@ -71,14 +78,14 @@ def stock_per_example(call):
     c, dtype = call.x.shape[1], param_dtype(call)
     outs = []
     for i in range(call.x.shape[0]):
-        xi = call.x[i : i + 1].detach().contiguous().requires_grad_()
+        xi = canonical(call.x[i : i + 1]).requires_grad_()
         wi, bi = (
             (torch.full((c,), fill, dtype=dtype) if p is None else p[i] if p.dim() == 2 else p)
             .detach().clone().requires_grad_()
             for p, fill in ((call.weight, 1.0), (call.bias, 0.0))
         )
         yi = torch.group_norm(xi, call.groups, wi, bi, call.eps)
-        grads = torch.autograd.grad(yi, (xi, wi, bi), call.grad_out[i : i + 1].contiguous())
+        grads = torch.autograd.grad(yi, (xi, wi, bi), canonical(call.grad_out[i : i + 1]))
         outs.append((yi.detach(), *grads))
     y, gx, gw, gb = zip(*outs)
     return torch.cat(y), torch.cat(gx), torch.stack(gw), torch.stack(gb)
@@ -89,7 +96,7 @@ def stock_param_sums(call, stock_rows):
     ``torch.group_norm`` (fp32 sums, one rounding) when both parameters are ``[C]`` or
     absent; else the per-example rows summed exactly, then rounded."""
     if all(p is None or p.dim() == 1 for p in (call.weight, call.bias)):
-        x = call.x.detach().contiguous()
+        x = canonical(call.x)
         leaves = [None if p is None else p.detach().clone().requires_grad_() for p in (call.weight, call.bias)]
         wanted = [p for p in leaves if p is not None]
         if not wanted:
@@ -98,7 +105,7 @@ def stock_param_sums(call, stock_rows):
         # weight ("tensor does not have a device"; fixed in 2.14).
         weight = leaves[0] if leaves[0] is not None else torch.ones_like(leaves[1])
         y = torch.group_norm(x, call.groups, weight, leaves[1], call.eps)
-        grads = iter(torch.autograd.grad(y, wanted, call.grad_out.contiguous()))
+        grads = iter(torch.autograd.grad(y, wanted, canonical(call.grad_out)))
         return [None if p is None else next(grads) for p in leaves]
     return [None if p is None else rows.to(F64).sum(0).to(rows.dtype)
             for p, rows in zip((call.weight, call.bias), stock_rows)]
@@ -172,7 +179,7 @@ def check_statistics(call, mean, rstd):
     n, c = call.x.shape[:2]
     v = call.x.to(F64).reshape(n, call.groups, -1)
     want_mean, want_rstd = v.mean(-1), (v.var(-1, unbiased=False) + call.eps).rsqrt()
-    x = call.x.contiguous()
+    x = canonical(call.x)
     _, stock_mean, stock_rstd = torch.native_group_norm(
         x, None, None, n, c, x.numel() // (n * c), call.groups, call.eps
     )

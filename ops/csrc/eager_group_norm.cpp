@@ -178,7 +178,8 @@ void forward_channels_last_kernel(const ForwardArgs<T>& a) {
   constexpr int64_t kBlock = 64;  // rows
   at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> run_mean(c), run_m2(c);
-    std::vector<T> block_sum(c), block_mean(c), block_sq(c), centre(c), scale(c), shift(c);
+    std::vector<T> block_sum(c), block_mean(c), block_sq(c), centre(c), centre_lo(c), scale(c),
+        shift(c);
     for (int64_t i = begin; i < end; ++i) {
       const T* x_i = a.x + i * length * c;
       const T* __restrict__ pivot = x_i;  // the first row
@@ -230,19 +231,26 @@ void forward_channels_last_kernel(const ForwardArgs<T>& a) {
         const double rstd = 1.0 / std::sqrt(m2 / static_cast<double>(d * length) + a.eps);
         a.mean[i * a.groups + g] = static_cast<T>(mean);
         a.rstd[i * a.groups + g] = static_cast<T>(rstd);
+        // The mean as T plus T's rounding error of it: x - hi is exact near the mean
+        // (Sterbenz), so (x - hi) - lo keeps the precision a mean rounded to T would lose
+        // when |mean| >> std.
+        const T mean_hi = static_cast<T>(mean);
+        const T mean_lo = static_cast<T>(mean - static_cast<double>(mean_hi));
         for (int64_t j = g * d; j < (g + 1) * d; ++j) {
-          centre[j] = static_cast<T>(mean);
+          centre[j] = mean_hi;
+          centre_lo[j] = mean_lo;
           scale[j] = static_cast<T>(rstd * (gamma_i ? static_cast<double>(gamma_i[j]) : 1.0));
           shift[j] = beta_i ? beta_i[j] : T(0);
         }
       }
       const T* __restrict__ m = centre.data();
+      const T* __restrict__ m_lo = centre_lo.data();
       const T* __restrict__ k = scale.data();
       const T* __restrict__ b = shift.data();
       for (int64_t l = 0; l < length; ++l) {
         const T* __restrict__ row = x_i + l * c;
         T* __restrict__ out = a.y + (i * length + l) * c;
-        for (int64_t j = 0; j < c; ++j) out[j] = (row[j] - m[j]) * k[j] + b[j];
+        for (int64_t j = 0; j < c; ++j) out[j] = ((row[j] - m[j]) - m_lo[j]) * k[j] + b[j];
       }
     }
   });
