@@ -1,43 +1,121 @@
-"""CUDA kernels: ATen's fused CUDA GroupNorm kernels on the per-sample view.
+"""CUDA kernels of both ops: fused Triton kernels, or ATen's CUDA GroupNorm.
 
-ATen's CUDA GroupNorm has no channels_last kernel: it makes the input contiguous and
-returns contiguous output, and so do these. Half/bfloat16 inputs run in fp32, because
-ATen's CUDA kernels read params and statistics in the input dtype, while this package
-keeps fp32 statistics.
+fp32, bf16 and fp16 inputs run the Triton kernels of ops/triton_kernels.py (launched by
+ops/triton_launch.py): one program per (sample, group) tile, which reads x once in the
+forward and x and dy once in the backward, in the input's own layout (channels_last
+included, with no copy) and dtype, with fp32 statistics and no cancellation when
+|mean| >> std.
+
+They are launched from these plain CUDA kernels rather than through
+``torch.library.triton_op``: under torch.compile a triton_op is decomposed into its
+Triton launch even for CPU tensors, which breaks CPU compile wherever triton is
+installed (BRIEF), while the op stays opaque to compile and export either way.
+
+fp64, and every call when triton is not installed (or ``PERSAMPLE_DISABLE_TRITON=1``),
+run ATen's fused CUDA GroupNorm kernels on the per-sample view (ops/aten_kernels.py).
+ATen's CUDA GroupNorm has no channels_last kernel, so that path makes the input
+contiguous; half/bfloat16 inputs run in fp32 there, because ATen's CUDA kernels read
+params and statistics in the input dtype, while this package keeps fp32 statistics.
+Either way the output and grad_input are contiguous, as ``nn.GroupNorm`` gives them on
+CUDA (``layout.output_memory_format``).
 """
 
+import contextlib
+import importlib
+import os
+import warnings
+
+import torch
 
 from . import aten_kernels as k
-from .checks import (
-    acc_dtype,
-    check_group_norm,
-    grad_param_dtype,
-)
+from .checks import acc_dtype, check_group_norm, grad_param_dtype
 from .layout import output_memory_format
 from .library import lib
+
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_launch = None  # ops/triton_launch.py once imported; False when it cannot be
+
+
+def triton_launch():
+    """The Triton launch module (ops/triton_launch.py), imported on first use, or None
+    when triton is not installed or ``PERSAMPLE_DISABLE_TRITON=1``."""
+    global _launch
+    if _launch is None:
+        _launch = False
+        if os.environ.get("PERSAMPLE_DISABLE_TRITON") != "1":
+            try:
+                launch = importlib.import_module(".triton_launch", __package__)
+            except ImportError as e:
+                warnings.warn(
+                    f"persample: triton is not available ({e}); CUDA GroupNorm runs ATen's "
+                    "kernels, which make more passes over memory (pip install triton)",
+                    stacklevel=3,
+                )
+            else:
+                _launch = launch
+    return _launch or None
+
+
+def _triton_for(input):
+    """The launch module when the Triton kernels serve this input, else None: CUDA
+    tensors, and CPU tensors when triton interprets the kernels (tests)."""
+    if input.dtype not in TRITON_DTYPES:
+        return None
+    if input.is_cuda:
+        return triton_launch()
+    if _launch is None and os.environ.get("TRITON_INTERPRET") != "1":
+        return None  # no interpreter: not worth importing triton to learn that
+    launch = triton_launch()
+    return launch if launch is not None and launch.INTERPRETED else None
+
+
+def _on_device(t):
+    """Triton launches on the current device; make it ``t``'s."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _up(t):
     return t if t is None or t.dtype == acc_dtype(t.dtype) else t.float()
 
 
+def aten_forward(input, num_groups, weight, bias, eps):
+    """The forward on ATen's kernels (fp64, or no triton), for a validated call."""
+    out, mean, rstd = k.forward(_up(input).contiguous(), num_groups, _up(weight), _up(bias), eps)
+    return out.to(input.dtype), mean, rstd
+
+
+def aten_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """The backward on ATen's kernels; masked-out gradients are None."""
+    gi, gw, gb = k.backward(
+        _up(grad_out), _up(input).contiguous(), mean, rstd, _up(weight), num_groups, output_mask
+    )
+    dtype = grad_param_dtype(input, weight)
+    return tuple(None if g is None else g.to(t) for g, t in ((gi, input.dtype), (gw, dtype), (gb, dtype)))
+
+
 def group_norm_cuda(input, num_groups, weight=None, bias=None, eps=1e-5):
     check_group_norm(input, num_groups, weight, bias, eps)
     if input.numel() == 0:
         return k.empty_forward(input, num_groups, output_memory_format(input))
-    out, mean, rstd = k.forward(_up(input).contiguous(), num_groups, _up(weight), _up(bias), eps)
-    return out.to(input.dtype), mean, rstd
+    launch = _triton_for(input)
+    if launch is None:
+        return aten_forward(input, num_groups, weight, bias, eps)
+    with _on_device(input):
+        return launch.forward(input, num_groups, weight, bias, eps)
 
 
 def backward_cuda(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     """The backward kernel without validation or placeholders (see cpu.backward_cpu)."""
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, output_memory_format(input))
-    gi, gw, gb = k.backward(
-        _up(grad_out), _up(input).contiguous(), mean, rstd, _up(weight), num_groups, output_mask
-    )
-    dtype = grad_param_dtype(input, weight)
-    return tuple(None if g is None else g.to(t) for g, t in ((gi, input.dtype), (gw, dtype), (gb, dtype)))
+    launch = _triton_for(input)
+    if launch is None:
+        return aten_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
+    with _on_device(input):
+        return launch.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
 
 
 group_norm_backward_cuda = k.backward_op_kernel(backward_cuda)

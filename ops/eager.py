@@ -15,6 +15,8 @@ import warnings
 import torch
 import torch.autograd.forward_ad as fwAD
 
+from . import cuda
+
 
 def library_name(torch_version=torch.__version__):
     """The library's module name: one per torch release, because C++ extensions have
@@ -46,16 +48,27 @@ _cpu_backward = torch.ops.persample._cpu_group_norm_backward.default if LIBRARY 
 _cpu_channels_last = torch.ops.persample._cpu_group_norm_channels_last.default if LIBRARY else None
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
+TRITON_MIN_NUMEL = 1 << 24
+"""fp32 CUDA inputs of at least this many elements skip the C++ path for the public op,
+whose CUDA kernels are Triton's (ops/cuda.py). On CUDA the C++ path runs ATen's
+kernels (about 8 passes over memory, against the Triton kernels' 5) with less host
+time (README, H200: 0.95x plain's 0.40 ms at 64x64x32x32, the Python path 1.40x), so
+it wins while a step is host-bound. PROVISIONAL, chosen without a GPU: 2^24 elements
+(64 MB in fp32) keeps every host-bound benchmark shape (at most 4.2M elements) on the
+C++ path and sends the kernel-bound ones (33M-67M) to Triton. ``python -m
+persample.bench --device cuda --kernels`` measures the crossover; set this from it."""
 
-def fast_op():
-    """The C++ op when this call may take it, else None.
+
+def fast_op(input):
+    """The C++ op when this call on ``input`` may take it, else None.
 
     It is for plain eager mode only; its kernel sends calls it does not handle
     (dispatch modes, subclasses, reduced precision, invalid ones) to the public op.
     What reaches or records the call before its kernel runs is checked here: dynamo, the
     JIT tracer and torch function modes, which would record the private op; torch.func
     transforms, which would run it under vmap's per-item fallback; and forward-mode AD,
-    which its Function does not implement.
+    which its Function does not implement. Large fp32 CUDA inputs go to the public op
+    too (``TRITON_MIN_NUMEL``).
     """
     if (
         _op is None
@@ -64,9 +77,21 @@ def fast_op():
         or torch._C._is_torch_function_mode_enabled()
         or fwAD._current_level >= 0
         or torch._C._get_tracing_state() is not None
+        or _triton_serves(input)
     ):
         return None
     return _op
+
+
+def _triton_serves(input):
+    """Whether the public op's Triton kernels should take this (large fp32 CUDA) input."""
+    return (
+        isinstance(input, torch.Tensor)
+        and input.is_cuda
+        and input.dtype == torch.float32
+        and input.numel() >= TRITON_MIN_NUMEL
+        and cuda.triton_launch() is not None
+    )
 
 
 def cpu_backward(input, weight):

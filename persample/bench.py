@@ -174,10 +174,16 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds (< 2 min)")
     parser.add_argument("--rounds", type=int, help="timed rounds per method")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--kernels", action="store_true",
+                        help="the kernel-bound CUDA suite instead (persample.bench_kernels)")
     parser.add_argument("--methods", help="comma-separated subset of: " + ",".join(M.METHODS))
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     args = parser.parse_args(argv)
+    if args.kernels:
+        from . import bench_kernels
+
+        return bench_kernels.main(args, parser)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")

@@ -50,7 +50,7 @@ class GroupNorm(torch.nn.GroupNorm):
         if self._bias_sample is not None:
             bias = bias + self._bias_sample
         stash = self._forward_hooks and self.training and not torch.compiler.is_compiling()
-        fast = None if stash else eager.fast_op()  # the C++ path keeps no statistics
+        fast = None if stash else eager.fast_op(input)  # the C++ path keeps no statistics
         if fast is not None:
             return fast(input, self.num_groups, weight, bias, self.eps)
         if use_aten(input):

@@ -1,7 +1,13 @@
-"""The CUDA kernels: on a GPU when there is one, and their Python bodies on CPU tensors
-(``group_norm_cuda`` and ``group_norm_backward_cuda`` are plain ATen code), so that
-their math is covered on any machine."""
+"""The CUDA kernels: on a GPU when there is one, and their ATen bodies on CPU tensors
+(``aten_forward`` and ``aten_backward`` are plain ATen code), so that their math is
+covered on any machine. On a GPU, fp32/bf16/fp16 take the Triton kernels
+(ops/triton_kernels.py; tests/test_triton.py checks them kernel by kernel), and
+TestTritonTransforms runs them under every transform."""
 
+import contextlib
+import importlib.util
+import os
+import tempfile
 import unittest
 from unittest import mock
 
@@ -9,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import persample
-from persample.ops import functional
+from persample.ops import cuda, functional
+from persample.ops.checks import grad_param_dtype
 from persample.ops.cuda import group_norm_backward_cuda, group_norm_cuda
 from testcase import TestCase
 from samples import (
@@ -30,6 +37,7 @@ from samples import (
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 no_cuda = unittest.skipIf(not torch.cuda.is_available(), "needs a CUDA device")
+no_triton = unittest.skipIf(importlib.util.find_spec("triton") is None, "triton is not installed")
 
 
 def cpu(t):
@@ -40,7 +48,16 @@ def reduced(dtype):
     return dtype in (F16, BF16)
 
 
-class TestCudaKernelsOnCpuTensors(TestCase):
+class TestAtenPathOnCpuTensors(TestCase):
+    """The ATen path (fp64, or no triton), through the kernels' glue: CPU tensors would
+    take the Triton kernels while triton interprets them (tests/test_triton.py)."""
+
+    def setUp(self):
+        super().setUp()
+        patch = mock.patch.object(cuda, "_triton_for", lambda input: None)
+        patch.start()
+        self.addCleanup(patch.stop)
+
     def test_forward_matches_reference(self):
         for dtype in (F64, F32):
             for i, (x, groups, w, b, eps) in enumerate(
@@ -85,10 +102,10 @@ class TestCudaKernelsOnCpuTensors(TestCase):
         ref = reference(x, 3, w, b, 1e-5, grad_out)
         self.assertEqual(out, ref[0], exact_dtype=False, **TOL[dtype])
         gx, gw, gb = group_norm_backward_cuda(grad_out, x, mean, rstd, w, 3, [True, True, True])
-        self.assertEqual((gx.dtype, gw.dtype, gb.dtype), (dtype, p_dtype, p_dtype))
+        self.assertEqual((gx.dtype, gw.dtype, gb.dtype), (dtype, *[grad_param_dtype(x, w)] * 2))
         self.assertEqual(gx, ref[1], exact_dtype=False, **TOL[dtype])
-        self.assertEqual(gw, ref[2], exact_dtype=False, **TOL[p_dtype])
-        self.assertEqual(gb, ref[3], exact_dtype=False, **TOL[p_dtype])
+        self.assertEqual(gw, ref[2], exact_dtype=False, **TOL[gw.dtype])
+        self.assertEqual(gb, ref[3], exact_dtype=False, **TOL[gb.dtype])
         # Without a weight the parameter gradients come in the fp32 accumulation dtype.
         grads = group_norm_backward_cuda(grad_out, x, mean, rstd, None, 3, [False, True, True])
         self.assertEqual(grads[1:], ref[2:], exact_dtype=False, **TOL[F32])
@@ -215,6 +232,162 @@ class TestCudaCompiled(TestCase):
         for got in (fn(*args), torch.compile(fn, fullgraph=True)(*args)):
             for g, r in zip(got, ref):
                 self.assertEqual(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+def op_norm(x, w, b):
+    """The public op itself: in eager mode the C++ path takes small fp32 calls, and under
+    eager CUDA transforms persample.group_norm lowers to ATen (functional.use_aten)."""
+    return group_norm_op(x, 3, w, b, 1e-5)[0]
+
+
+def dot(y, t):
+    return (y.float() * t.float()).sum()
+
+
+@no_cuda
+@no_triton
+class TestTritonTransforms(TestCase):
+    """Every transform on CUDA runs the Triton kernels (counted) and gives the float64
+    per-example results, in fp32, bf16 and fp16, contiguous and channels_last."""
+
+    device = "cuda"
+    VARIANTS = ((F32, None), (F32, CL), (BF16, CL), (F16, None))
+
+    def setUp(self):
+        super().setUp()
+        torch._dynamo.reset()
+
+    @contextlib.contextmanager
+    def triton_runs(self, *names):
+        """The block calls these functions of ops/triton_launch.py."""
+        if self.device != "cuda":  # the CPU kernels (a dry run of the test's logic)
+            yield
+            return
+        launch = cuda.triton_launch()
+        with contextlib.ExitStack() as stack:
+            spies = [stack.enter_context(mock.patch.object(launch, n, wraps=getattr(launch, n)))
+                     for n in names]
+            yield
+        for name, spy in zip(names, spies):
+            self.assertGreater(spy.call_count, 0, f"triton_launch.{name} did not run")
+
+    def case(self, dtype, fmt, n=4, per_sample_bias=True):
+        """``(x [N, 6, 5, 7], shared w, b, grad_out t)``; b is [N, C] or [C]."""
+        torch.manual_seed(0)
+        x = make_input((n, 6, 5, 7), fmt, device=self.device, dtype=dtype)
+        w = make_param("shared", n, 6, device=self.device, dtype=dtype)
+        b = make_param("per_sample" if per_sample_bias else "shared", n, 6, device=self.device, dtype=dtype)
+        return x, w, b, torch.randn_like(x)
+
+    def check(self, got, expected, dtype):
+        self.assertEqual(cpu(got), expected, exact_dtype=False, **TOL[dtype])
+
+    def test_eager_above_the_routing_threshold(self):
+        from persample.ops import eager
+
+        split = ((2, 4, 96, 96), 1)  # a 4 x 9216 group: over ON_CHIP_ELEMENTS
+        for shape, groups in (((4, 6, 5, 7), 3), split):
+            for dtype, fmt in self.VARIANTS:
+                with self.subTest(shape=shape, dtype=dtype, fmt=fmt), \
+                        mock.patch.object(eager, "TRITON_MIN_NUMEL", 0), \
+                        self.triton_runs("forward", "backward"):
+                    x = make_input(shape, fmt, device=self.device, dtype=dtype, requires_grad=True)
+                    w = make_param("per_sample", shape[0], shape[1], device=self.device, dtype=dtype,
+                                   requires_grad=True)
+                    y = persample.group_norm(x, groups, w)
+                    t = torch.randn_like(y)
+                    gx, gw = torch.autograd.grad(y, (x, w), t)
+                    ref = reference(x, groups, w, None, 1e-5, t)
+                    for got, expected in zip((y, gx, gw), ref[:3]):
+                        self.check(got, expected, dtype)
+
+    def test_compile_fullgraph(self):
+        compiled = torch.compile(lambda x, w, b, t: dot(persample.group_norm(x, 3, w, b), t), fullgraph=True)
+        for dtype, fmt in self.VARIANTS:
+            with self.subTest(dtype=dtype, fmt=fmt), self.triton_runs("forward", "backward"):
+                x, w, b, t = self.case(dtype, fmt)
+                leaves = [v.detach().requires_grad_() for v in (x, w, b)]
+                grads = torch.autograd.grad(compiled(*leaves, t), leaves)
+                ref = reference(x, 3, w, b, 1e-5, t)
+                for got, expected in zip(grads, (ref[1], ref[2].sum(0), ref[3])):
+                    self.check(got, expected, dtype)
+
+    def test_export_save_load(self):
+        from torch.export import Dim
+
+        for dtype, fmt in self.VARIANTS:
+            with self.subTest(dtype=dtype, fmt=fmt), self.triton_runs("forward"):
+                layer = persample.nn.GroupNorm(3, 6).to(self.device, dtype).eval()
+                x, w, b, _ = self.case(dtype, fmt, per_sample_bias=False)
+                with torch.no_grad():
+                    layer.weight.copy_(w)
+                    layer.bias.copy_(b)
+                ep = torch.export.export(layer, (x,), dynamic_shapes={"input": {0: Dim("batch", min=2)}})
+                with tempfile.TemporaryDirectory() as tmp:
+                    torch.export.save(ep, os.path.join(tmp, "gn.pt2"))
+                    loaded = torch.export.load(os.path.join(tmp, "gn.pt2"))
+                x3 = x[:3].clone(memory_format=torch.preserve_format)
+                self.check(loaded.module()(x3), reference(x3, 3, w, b, 1e-5, x3)[0], dtype)
+
+    def test_aot_inductor(self):
+        layer = persample.nn.GroupNorm(3, 6).to(self.device).eval()
+        x, w, b, _ = self.case(F32, None, per_sample_bias=False)
+        with torch.no_grad():
+            layer.weight.copy_(w)
+            layer.bias.copy_(b)
+        ep = torch.export.export(layer, (x,))
+        with tempfile.TemporaryDirectory() as tmp:
+            package = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(tmp, "gn.pt2"))
+            runner = torch._inductor.aoti_load_package(package)
+            with self.triton_runs("forward"):
+                self.check(runner(x), reference(x, 3, w, b, 1e-5, x)[0], F32)
+
+    def func_case(self, dtype, fmt):
+        x, w, b, t = self.case(dtype, fmt, per_sample_bias=False)
+
+        def loss(w, b, xi, ti):
+            return dot(op_norm(xi[None], w, b), ti[None])
+
+        ref = reference(x, 3, w, b, 1e-5, t)
+        return torch.func.vmap(torch.func.grad(loss, argnums=(0, 1)), in_dims=(None, None, 0, 0)), \
+            (w, b, x, t), ref[2:]
+
+    def test_torch_func_eager_and_compiled(self):
+        for compiled, (dtype, fmt) in ((c, v) for c in (False, True) for v in self.VARIANTS):
+            with self.subTest(compiled=compiled, dtype=dtype, fmt=fmt), \
+                    self.triton_runs("forward", "backward"):
+                torch._dynamo.reset()
+                fn, args, ref = self.func_case(dtype, fmt)
+                if compiled:
+                    fn = torch.compile(fn, fullgraph=True)
+                for got, expected in zip(fn(*args), ref):
+                    self.check(got, expected, dtype)
+
+    def test_vmap(self):
+        for dtype, fmt in self.VARIANTS:
+            with self.subTest(dtype=dtype, fmt=fmt), self.triton_runs("forward"):
+                x, w, b, _ = self.case(dtype, fmt)
+                xs = torch.stack([x, x.flip(0)])  # [2, N, C, H, W]
+                got = torch.vmap(lambda xb: op_norm(xb, w, b))(xs)
+                expected = reference(xs.flatten(0, 1), 3, w, b.repeat(2, 1), 1e-5, xs.flatten(0, 1))[0]
+                self.check(got.flatten(0, 1), expected, dtype)
+
+    def test_double_backward(self):
+        for fmt in (None, CL):
+            with self.subTest(fmt=fmt), self.triton_runs("backward"):
+                x, w, b, t = self.case(F32, fmt, per_sample_bias=False)
+                u, v = torch.randn_like(x), torch.randn_like(w)
+
+                def second(norm, x, w, b):
+                    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+                    gx, gw = torch.autograd.grad(dot(norm(x, w, b), t.to(x)), (x, w), create_graph=True)
+                    return torch.autograd.grad(dot(gx, u.to(x)) + dot(gw, v.to(x)), (x, w))
+
+                got = second(op_norm, x, w, b)
+                f64 = [a.detach().cpu().double() for a in (x, w, b)]
+                expected = second(lambda x, w, b: F.group_norm(x, 3, w, b), *f64)
+                for g, e in zip(got, expected):
+                    self.assertEqual(cpu(g), e, exact_dtype=False, atol=1e-3, rtol=1e-3)
 
 
 def vmap_grad_case(device):
