@@ -24,20 +24,12 @@ def sizes(input):
     return n, c, input.numel() // (n * c)
 
 
-def shared_row(p, by_value=False):
-    """The ``[C]`` row of a parameter whose values do not vary over N, else None.
-
-    Per-sample weights are most often ``param.expand(N, C)`` (stride 0 over N), or
-    ``param + zeros`` (persample.call_for_per_sample_grads); those can take the
-    shared-parameter kernels, which matters on channels_last, where per-sample
-    parameters cost extra passes over the data. ``by_value`` also compares the rows,
-    an O(N*C) check that is cheap beside those passes.
-    """
+def shared_row(p):
+    """The ``[C]`` row of a parameter whose rows are one row (``param.expand(N, C)``,
+    stride 0 over N, or N = 1), else None: ATen's own kernels serve those."""
     if p is None or p.dim() == 1:
         return p
     if p.shape[0] == 1 or p.stride(0) == 0:
-        return p[0]
-    if by_value and torch.equal(p, p[:1].expand_as(p)):
         return p[0]
     return None
 
@@ -141,35 +133,34 @@ def _param_grad(g, input, weight):
 
 
 def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    """channels_last does not admit the view: ATen's channels_last kernel gives
-    grad_input, and ATen's dgamma formula, kept per sample, gives the parameters."""
+    """channels_last, from ATen ops: the layout does not admit the per-sample view, and
+    ATen's channels_last kernels take differences (``sum dy*x - mean*sum dy``) that
+    cancel when |mean| >> std. So per-(sample, channel) sums of ``dy`` and
+    ``dy * (x - mean)`` over the rows as they lie in memory give the per-sample grads
+    and, in closed form, grad_input (the C++ library's fused kernel does the same in
+    one pass)."""
     input, fmt = dense(input)
-    # One layout for everything: ATen crashes when grad_out's layout differs from
-    # input's (seen with float64), and the reductions below want dense rows.
     grad_out, _ = dense(grad_out, fmt)
     n, c, length = sizes(input)
-    dtype = acc_dtype(input.dtype)
-    mean, rstd = mean.contiguous(), rstd.contiguous()
+    d, dtype = c // num_groups, acc_dtype(input.dtype)
+    x = input.movedim(1, -1).reshape(n, length, c).to(dtype)  # [N, L, C]: memory order
+    dy = grad_out.movedim(1, -1).reshape(n, length, c).to(dtype)
+    centred = x - mean.to(dtype).repeat_interleave(d, 1)[:, None]
+    rstd_c = rstd.to(dtype).repeat_interleave(d, 1)
+    dy_centred, dy_sum = (dy * centred).sum(1), dy.sum(1)
     gi = None
     if output_mask[0]:
-        dy, w = grad_out, shared_row(weight, by_value=True)
-        if w is None and weight is not None:
-            # A truly per-sample gamma scales grad_out before the normalisation's backward.
-            dy = (dy * _bcast(_as(weight, dtype), input)).to(input.dtype)
-        w = input.new_ones((c,), dtype=dtype) if w is None else _as(w, dtype)
-        gi = _aten_backward(dy, input, mean, rstd, w, n, c, length, num_groups, [True, False, False])[0]
-    gw = gb = None
-    if output_mask[1] or output_mask[2]:
-        # [N, L, C]: channels_last memory as it lies, so the sums over L run on dense
-        # rows (measured ~20% faster than summing the strided spatial dims).
-        dy_rows = grad_out.movedim(1, -1).reshape(n, length, c)
-        gb = dy_rows.sum(1, dtype=dtype)
-    if output_mask[1]:
-        d = c // num_groups
-        x_rows = input.movedim(1, -1).reshape(n, length, c)
-        ds = (dy_rows.to(dtype) * x_rows.to(dtype)).sum(1)
-        gw = (ds - gb * mean.repeat_interleave(d, 1)) * rstd.repeat_interleave(d, 1)
-    return gi, _param_grad(gw, input, weight), _param_grad(gb if output_mask[2] else None, input, weight)
+        gamma = rstd_c.new_ones(()) if weight is None else _as(weight, dtype).expand(n, c)
+        a = (gamma * dy_centred).view(n, num_groups, d).sum(2)
+        b = (gamma * dy_sum).view(n, num_groups, d).sum(2)
+        count = d * length
+        c2 = (-a * rstd**3 / count).repeat_interleave(d, 1)[:, None]
+        c3 = (-b * rstd / count).repeat_interleave(d, 1)[:, None]
+        rows = (rstd_c * gamma)[:, None] * dy + c2 * centred + c3
+        gi = rows.view(n, *input.shape[2:], c).movedim(-1, 1).to(input.dtype)
+    gw = dy_centred * rstd_c if output_mask[1] else None
+    gb = dy_sum if output_mask[2] else None
+    return gi, _param_grad(gw, input, weight), _param_grad(gb, input, weight)
 
 
 def backward_op_kernel(body):

@@ -62,16 +62,16 @@ def dense(t, fmt=None):
 
 
 def output_memory_format(input):
-    """Memory format of the output and of grad_input, as ``nn.GroupNorm`` gives it.
+    """Memory format of the output and of grad_input: the one ``nn.GroupNorm`` gives.
 
-    ATen keeps channels_last on CPU and returns contiguous output on CUDA. Only the
-    strides of dimensions of size > 1 are significant; where several formats fit the
-    input (see the module docstring), the contiguous one is returned.
+    On CPU that is ``suggest_memory_format(input)``, by which stock GroupNorm copies
+    its input, even for an input dense in another format (strides of size-1 dims can
+    make one so); on CUDA it is contiguous. Only the strides of dimensions of size > 1
+    are significant.
     """
     if input.device.type != "cpu" or input.dim() < 4:
         return CONTIGUOUS
-    fmt = dense_format(input)
-    return suggest_memory_format(input) if fmt is None else fmt
+    return suggest_memory_format(input)
 
 
 def in_format(t, fmt):
