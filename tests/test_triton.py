@@ -2,21 +2,16 @@
 float64 per-example reference.
 
 Without a CUDA device, triton's interpreter runs them on CPU tensors, and ops/cuda.py
-sends CPU tensors to them. ``@triton.jit`` reads ``TRITON_INTERPRET`` when it decorates
-a function: ours when ops/triton_kernels.py is imported, and triton's own standard
-library (``tl.sum``, ...) when triton is first imported. So it is set here, before
-either, and stays set (the interpreter reads it at launch too). When another test
-module has imported triton first (torch's test utilities do, during collection), this
-file runs in a fresh process instead (TestInFreshProcess). On a GPU the same tests run
-the compiled kernels on CUDA tensors. The interpreter costs ~10 ms per program, so the
-shapes are tiny.
+sends CPU tensors to them; tests/conftest.py switches the interpreter on before triton
+is first imported, which is when triton reads ``TRITON_INTERPRET``. On a GPU the same
+tests run the compiled kernels on CUDA tensors. The interpreter costs ~10 ms per
+program, so the shapes are tiny.
 """
 
 import contextlib
 import itertools
 import math
 import os
-import subprocess
 import sys
 import unittest
 from unittest import mock
@@ -25,10 +20,9 @@ import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# triton was imported without the interpreter: only a fresh process can have it.
-TOO_LATE = DEVICE == "cpu" and "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
-if DEVICE == "cpu" and not TOO_LATE:
-    os.environ["TRITON_INTERPRET"] = "1"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)",
+                allow_module_level=True)
 triton = pytest.importorskip("triton", reason="triton is not installed (pip install triton)")
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
@@ -129,21 +123,6 @@ def cpu(t):
     return t.detach().cpu()
 
 
-in_process = unittest.skipIf(TOO_LATE, "triton was imported before TRITON_INTERPRET could be "
-                             "set: TestInFreshProcess runs this file")
-
-
-@unittest.skipUnless(TOO_LATE, "this process runs the tests itself")
-class TestInFreshProcess(unittest.TestCase):
-    def test_this_file(self):
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs", os.path.abspath(__file__)],
-            env=dict(os.environ, TRITON_INTERPRET="1"), capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-        )
-        self.assertEqual(result.returncode, 0, result.stdout[-8000:] + result.stderr[-2000:])
-
-
 class TritonTestCase(TestCase):
     def run_both(self, x, groups, w, b, grad_out, masks=([True, True, True],), eps=1e-5):
         """Forward and backward (every mask in ``masks``) through ops/cuda.py's kernels;
@@ -188,7 +167,6 @@ class TritonTestCase(TestCase):
                     self.assertEqual(g.dtype, grad_param_dtype(x, w))
 
 
-@in_process
 class TestKernels(TritonTestCase):
     def test_fused(self):
         for i, case in enumerate(CASES):
@@ -297,7 +275,6 @@ def stock(x, groups, w, b, eps, grad_out):
     return torch.cat(rows[0]), torch.cat(rows[1]), torch.stack(rows[2]), torch.stack(rows[3])
 
 
-@in_process
 class TestReducedPrecision(TritonTestCase):
     """fp16/bf16 input with params in that dtype or fp32: every output's max error
     against float64 at most twice stock GroupNorm's own error in that dtype."""
@@ -335,7 +312,6 @@ class TestReducedPrecision(TritonTestCase):
             self.assertLessEqual(ours_err, 2 * stock_err, f"{name}: {ours_err:.3g} vs stock {stock_err:.3g}")
 
 
-@in_process
 class TestRouting(TestCase):
     def test_fp64_and_empty_take_aten(self):
         x, groups, w, b = make_case(CASES[4], F64)
@@ -382,7 +358,6 @@ class TestRouting(TestCase):
                 self.assertIs(eager.fast_op(x), expected)
 
 
-@in_process
 class TestPlan(unittest.TestCase):
     def test_tiles_cover_the_group_within_the_limit(self):
         for limit in (4, 16, 100, 16384):

@@ -91,6 +91,15 @@ at::MemoryFormat dense_format(const Tensor& t) {
   return t.is_contiguous() ? at::MemoryFormat::Contiguous : cl_format(t);
 }
 
+// ops/layout.output_memory_format: the layout nn.GroupNorm gives its output and
+// grad_input, which for an input dense in channels_last only by the strides of size-1
+// dims can differ from the one it is computed in (a copy then).
+Tensor in_output_format(const Tensor& t, const Tensor& input) {
+  const auto fmt = input.is_cpu() && input.dim() >= 4 ? input.suggest_memory_format()
+                                                     : at::MemoryFormat::Contiguous;
+  return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
+}
+
 // t's values, dense in fmt, with fmt's canonical strides (a free view when t is dense).
 Tensor canonical(const Tensor& t, at::MemoryFormat fmt) {
   const Tensor d = t.is_contiguous(fmt) ? t : t.contiguous(fmt);
@@ -512,6 +521,7 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     // Grad mode is off in here: nothing below autograd needs to run the autograd kernels.
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [out, mean, rstd] = forward_kernel(input, groups, weight, bias, eps);
+    out = in_output_format(out, input);
     ctx->saved_data["groups"] = groups;
     ctx->saved_data["eps"] = eps;
     // The weight is saved; of the bias only its presence and rank matter (a shared [C]
@@ -539,6 +549,7 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     if (!at::GradMode::is_enabled() && nothing_intercepts() && plain(grad_out)) {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       std::tie(gi, gw, gb) = backward_kernel(grad_out, input, mean, rstd, weight, groups, mask);
+      if (gi.defined()) gi = in_output_format(gi, input);
     } else {
       std::tie(gi, gw, gb) = public_backward().call(
           grad_out, input, mean, rstd, weight, groups, mask, ctx->saved_data["eps"].toDouble());
