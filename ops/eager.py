@@ -37,7 +37,19 @@ def load(package_dir):
     except (OSError, RuntimeError) as e:
         warnings.warn(f"persample: cannot load {path} ({e}); using the Python kernels", stacklevel=2)
         return None
+    # A library built from an older checkout lacks newer ops: use none of it.
+    missing = [name for name in _LIBRARY_OPS if not torch._C._dispatch_has_kernel(f"persample::{name}")]
+    if missing:
+        warnings.warn(
+            f"persample: {path} is stale (no {', '.join(missing)}); using the Python kernels. "
+            "Rebuild it: pip install --no-build-isolation -e .",
+            stacklevel=2,
+        )
+        return None
     return path
+
+
+_LIBRARY_OPS = ("_eager_group_norm", "_cpu_group_norm_backward", "_cpu_group_norm_channels_last")
 
 
 LIBRARY = load(os.path.dirname(sys.modules["persample"].__file__))

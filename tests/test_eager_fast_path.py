@@ -84,6 +84,16 @@ class TestLibrary(unittest.TestCase):
             with self.assertWarnsRegex(UserWarning, "using the Python kernels"):
                 self.assertIsNone(eager.load(tmp))
 
+    @unittest.skipUnless(BUILT, "the C++ library is not built")
+    def test_stale_library_warns_and_falls_back(self):
+        # A library built from an older checkout lacks the newer ops; loading it again
+        # is harmless (the dispatcher keeps the registrations it has).
+        package_dir = os.path.dirname(persample.__file__)
+        stale = mock.patch.object(eager, "_LIBRARY_OPS", eager._LIBRARY_OPS + ("_not_built_yet",))
+        with stale, mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_CPP": "0"}):
+            with self.assertWarnsRegex(UserWarning, "is stale \\(no _not_built_yet\\); using the Python"):
+                self.assertIsNone(eager.load(package_dir))
+
     def test_library_name_per_torch_release(self):
         self.assertEqual(eager.library_name("2.14.1+cu130"), "_C_torch2_14_1_cu130")
         self.assertEqual(eager.library_name("2.13.0"), "_C_torch2_13_0")
