@@ -146,6 +146,9 @@ def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, outp
     x = input.movedim(1, -1).reshape(n, length, c).to(dtype)  # [N, L, C]: memory order
     dy = grad_out.movedim(1, -1).reshape(n, length, c).to(dtype)
     centred = x - mean.to(dtype).repeat_interleave(d, 1)[:, None]
+    # Measured from the group's exact mean: the saved one is rounded to fp32.
+    lo = centred.view(n, length, num_groups, d).mean((1, 3))
+    centred = centred - lo.repeat_interleave(d, 1)[:, None]
     rstd_c = rstd.to(dtype).repeat_interleave(d, 1)
     dy_centred, dy_sum = (dy * centred).sum(1), dy.sum(1)
     gi = None

@@ -12,8 +12,8 @@ def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_forward(input, num_groups, fmt)
-    input, dense_fmt = dense(input)
-    fused = None if dense_fmt == CONTIGUOUS else eager.cpu_forward_channels_last(input, weight, bias)
+    input, _ = dense(input)
+    fused = eager.cpu_forward(input, weight, bias)
     out, mean, rstd = (fused or k.forward)(input, num_groups, weight, bias, eps)
     return in_format(out, fmt), mean, rstd
 

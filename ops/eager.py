@@ -49,7 +49,7 @@ def load(package_dir):
     return path
 
 
-_LIBRARY_OPS = ("_eager_group_norm", "_cpu_group_norm_backward", "_cpu_group_norm_channels_last")
+_LIBRARY_OPS = ("_eager_group_norm", "_cpu_group_norm_backward", "_cpu_group_norm_forward")
 
 
 LIBRARY = load(os.path.dirname(sys.modules["persample"].__file__))
@@ -57,7 +57,7 @@ LIBRARY = load(os.path.dirname(sys.modules["persample"].__file__))
 
 _op = torch.ops.persample._eager_group_norm.default if LIBRARY else None
 _cpu_backward = torch.ops.persample._cpu_group_norm_backward.default if LIBRARY else None
-_cpu_channels_last = torch.ops.persample._cpu_group_norm_channels_last.default if LIBRARY else None
+_cpu_forward = torch.ops.persample._cpu_group_norm_forward.default if LIBRARY else None
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 TRITON_MIN_NUMEL = 1 << 24
@@ -119,11 +119,12 @@ def cpu_backward(input, weight):
     return _cpu_backward
 
 
-def cpu_forward_channels_last(input, weight, bias):
-    """The library's channels_last forward kernel, when it handles a forward-op call on
-    this dense channels_last CPU input, else None (read ops/csrc/eager_group_norm.cpp)."""
-    if _cpu_channels_last is None or input.dtype not in _FUSED_DTYPES or any(
+def cpu_forward(input, weight, bias):
+    """The library's forward kernel, when it handles a forward-op call on this dense
+    (contiguous or channels_last) CPU input, else None (read ops/csrc/eager_group_norm.cpp:
+    it keeps the precision that ATen's kernels lose when |mean| >> std)."""
+    if _cpu_forward is None or input.dtype not in _FUSED_DTYPES or any(
         p is not None and p.dtype != input.dtype for p in (weight, bias)
     ):
         return None
-    return _cpu_channels_last
+    return _cpu_forward

@@ -34,7 +34,7 @@ def kernel_path(path):
     """``cpp``: as installed (the C++ library serves what it handles). ``python``: the
     public op's Python kernels alone, as without the library."""
     if path == "python":
-        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_channels_last=None):
+        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_forward=None):
             yield
     else:
         yield
@@ -80,6 +80,15 @@ def output_scale(call, rstd):
         return 0.0
     w = 1.0 if call.weight is None else max(1.0, call.weight.abs().max().item())
     return call.x.abs().max().item() * rstd.abs().max().item() * w
+
+
+def grad_input_scale(call, rstd):
+    """|grad_out| * rstd * |weight|, the size of grad_input's terms before they cancel
+    (for a group of one element they cancel exactly): 4 fp32 ulps of it bound any fp32
+    computation's rounding, stock's included, when rstd is huge (a group of one
+    element, or nearly constant)."""
+    w = 1.0 if call.weight is None else max(1.0, call.weight.abs().max().item())
+    return call.grad_out.abs().max().item() * rstd.abs().max().item() * w
 
 
 def param_dtype(call):
@@ -147,7 +156,7 @@ def test_autograd_matches_reference(path, call):
     stock_y = torch.group_norm(call.x, call.groups, None, None, call.eps)
     assert significant_strides(y) == significant_strides(stock_y), "output layout"
     if grads[0] is not None:
-        check_close(grads[0], ref[1], stock[1], "grad_input")
+        check_close(grads[0], ref[1], stock[1], "grad_input", grad_input_scale(call, stock_rstd(call)))
         assert significant_strides(grads[0]) == significant_strides(stock_grad_input(call)), "grad_input layout"
     sums = stock_param_sums(call, stock[2:])
     for name, p, g, rows, stock_rows, stock_sum in zip(
@@ -191,7 +200,8 @@ def test_ops_match_reference_and_fakes(path, call):
             ("grad_input", "grad_weight", "grad_bias"), mask, grads, ref[1:], stock[1:]
         ):
             if wanted:
-                check_close(g, want, stock_g, f"{name} with output_mask {mask}")
+                scale = grad_input_scale(call, fwd[2]) if name == "grad_input" else 0.0
+                check_close(g, want, stock_g, f"{name} with output_mask {mask}", scale)
             else:
                 assert g.shape == (0,), f"masked {name} with output_mask {mask}"
     check_fakes(call, fwd, bwd)
@@ -241,7 +251,8 @@ def test_compiled_matches_reference(call, backend):
     ref = reference(call.x, call.groups, call.weight, call.bias, call.eps, call.grad_out)
     stock = stock_per_example(call)
     check_close(y, ref[0], stock[0], f"{backend} output")
-    check_close(grads[0], ref[1], stock[1], f"{backend} grad_input")
+    check_close(grads[0], ref[1], stock[1], f"{backend} grad_input",
+                grad_input_scale(call, stock_rstd(call)))
     sums = stock_param_sums(call, stock[2:])
     params = [(p, rows, s_rows, s_sum) for p, rows, s_rows, s_sum
               in zip(leaves[1:], ref[2:], stock[2:], sums) if p is not None]

@@ -22,7 +22,7 @@ PATHS = [
 @contextlib.contextmanager
 def kernel_path(path):
     if path == "python":
-        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_channels_last=None):
+        with mock.patch.multiple(eager, _op=None, _cpu_backward=None, _cpu_forward=None):
             yield
     else:
         yield
