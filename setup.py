@@ -36,6 +36,7 @@ def extension_setup():
             # OpenMP: at::parallel_for is inline and runs serially without it; the
             # library then links the libgomp.so.1 that torch has already loaded.
             CppExtension(f"persample.{tag}", ["ops/csrc/eager_group_norm.cpp"],
+                         depends=["ops/csrc/cpu_kernels.h"],
                          extra_compile_args=["-O3", "-fopenmp"],
                          extra_link_args=["-fopenmp"], optional=True)
         ],

@@ -9,27 +9,27 @@
 // on an H200: 1.40x plain).
 //
 // What: a private op, persample::_eager_group_norm, whose kernel is an autograd
-// Function: the forward drives ATen's GroupNorm kernels as ops/aten_kernels.py does; the
-// backward is the fused kernels below on CPU, ATen's on the per-sample view on CUDA
-// (ops/cuda.py). persample.group_norm calls it in plain eager mode only (ops/eager.py);
+// Function: on CPU its forward and backward are the fused kernels of cpu_kernels.h, on
+// CUDA ATen's kernels on the per-sample view, as ops/cuda.py's fallback drives them.
+// persample.group_norm calls it in plain eager mode only (ops/eager.py);
 // compile, export, torch.func transforms, dispatch modes, subclasses, reduced precision
 // and every invalid call go to the public op persample::group_norm, whose Python kernels
 // stay the one reference for semantics and error messages. The backward calls
 // persample::group_norm_backward through the dispatcher unless nothing could observe
-// the call (no grad mode, no mode, plain tensors), as ops/autograd.py does. A second
-// private op, persample::_cpu_group_norm_backward, lends the fused kernels to the public
-// backward op's CPU kernel (ops/cpu.py), so compiled graphs and torch.func use them too.
+// the call (no grad mode, no mode, plain tensors), as ops/autograd.py does. Two more
+// private ops, persample::_cpu_group_norm_forward and _cpu_group_norm_backward, lend
+// the fused kernels to the public ops' CPU kernels (ops/cpu.py), so that compiled
+// graphs, torch.func and Opacus use them too.
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cmath>
 #include <vector>
+
+#include "cpu_kernels.h"
 
 namespace {
 
@@ -162,156 +162,6 @@ Tensor flat(const OptTensor& p, int64_t n, int64_t c, const Tensor& input) {
   return p->dim() == 1 ? p->repeat({n}) : p->reshape({n * c}).contiguous();
 }
 
-// The CPU forward kernels. ATen's channels_last CPU kernel takes the variance as
-// E[x^2] - mean^2, which cancels when |mean| >> std (measured in fp32 at mean/std = 1e3:
-// output error 0.29, against 8e-5 from its contiguous kernel, whose fp32 variance
-// still costs ~2e-5 relative in rstd at 1e4). These take each block's mean and squared
-// deviations while the block is in cache and merge blocks (and channels) with Chan's
-// update, in double: x is read from memory once for the statistics, then once to write
-// y = (x - mean) * rstd * gamma + beta, with shared or per-sample parameters. Block
-// sums run on x minus a pivot (the first row or element), so that they stay near the
-// data's spread rather than its mean, where T's rounding would dominate. The mean is
-// applied as T's nearest value plus T's rounding error of it (x - hi is exact near the
-// mean), which keeps the precision a mean rounded to T would lose.
-template <typename T>
-struct ForwardArgs {
-  const T* x;
-  const T *gamma, *beta;                     // nullptr: absent
-  int64_t gamma_row_stride, beta_row_stride;  // 0: one row shared by all samples
-  int64_t n, length, c, groups;
-  double eps;
-  T *y, *mean, *rstd;
-};
-
-template <typename T>
-void forward_channels_last_kernel(const ForwardArgs<T>& a) {
-  const int64_t c = a.c, d = c / a.groups, length = a.length;
-  constexpr int64_t kBlock = 64;  // rows
-  at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> run_mean(c), run_m2(c);
-    std::vector<T> block_sum(c), block_mean(c), block_sq(c), centre(c), centre_lo(c), scale(c),
-        shift(c);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* x_i = a.x + i * length * c;
-      const T* __restrict__ pivot = x_i;  // the first row
-      std::fill(run_mean.begin(), run_mean.end(), 0.0);
-      std::fill(run_m2.begin(), run_m2.end(), 0.0);
-      T* __restrict__ bs = block_sum.data();
-      T* __restrict__ bm = block_mean.data();
-      T* __restrict__ bq = block_sq.data();
-      for (int64_t l0 = 0; l0 < length; l0 += kBlock) {
-        const int64_t l1 = std::min(length, l0 + kBlock);
-        const T rows = static_cast<T>(l1 - l0);
-        std::fill(block_sum.begin(), block_sum.end(), T(0));
-        std::fill(block_sq.begin(), block_sq.end(), T(0));
-        for (int64_t l = l0; l < l1; ++l) {
-          const T* __restrict__ row = x_i + l * c;
-          for (int64_t j = 0; j < c; ++j) bs[j] += row[j] - pivot[j];
-        }
-        for (int64_t j = 0; j < c; ++j) bm[j] = bs[j] / rows;
-        for (int64_t l = l0; l < l1; ++l) {
-          const T* __restrict__ row = x_i + l * c;
-          for (int64_t j = 0; j < c; ++j) {
-            const T dev = (row[j] - pivot[j]) - bm[j];
-            bq[j] += dev * dev;
-          }
-        }
-        const double seen = static_cast<double>(l0), added = static_cast<double>(l1 - l0);
-        const double w = added / (seen + added);
-        for (int64_t j = 0; j < c; ++j) {
-          // run_mean is relative to the pivot too, until the groups below.
-          const double delta = static_cast<double>(bm[j]) - run_mean[j];
-          run_mean[j] += delta * w;
-          run_m2[j] += static_cast<double>(bq[j]) + delta * delta * seen * w;
-        }
-      }
-      const T* gamma_i = a.gamma ? a.gamma + i * a.gamma_row_stride : nullptr;
-      const T* beta_i = a.beta ? a.beta + i * a.beta_row_stride : nullptr;
-      for (int64_t g = 0; g < a.groups; ++g) {
-        // Every channel has `length` elements: the group's mean is the channels' mean.
-        double mean = 0, m2 = 0;
-        for (int64_t j = g * d; j < (g + 1) * d; ++j) {
-          run_mean[j] += static_cast<double>(pivot[j]);
-          mean += run_mean[j];
-        }
-        mean /= static_cast<double>(d);
-        for (int64_t j = g * d; j < (g + 1) * d; ++j) {
-          const double dev = run_mean[j] - mean;
-          m2 += run_m2[j] + static_cast<double>(length) * dev * dev;
-        }
-        const double rstd = 1.0 / std::sqrt(m2 / static_cast<double>(d * length) + a.eps);
-        a.mean[i * a.groups + g] = static_cast<T>(mean);
-        a.rstd[i * a.groups + g] = static_cast<T>(rstd);
-        const T mean_hi = static_cast<T>(mean);
-        const T mean_lo = static_cast<T>(mean - static_cast<double>(mean_hi));
-        for (int64_t j = g * d; j < (g + 1) * d; ++j) {
-          centre[j] = mean_hi;
-          centre_lo[j] = mean_lo;
-          scale[j] = static_cast<T>(rstd * (gamma_i ? static_cast<double>(gamma_i[j]) : 1.0));
-          shift[j] = beta_i ? beta_i[j] : T(0);
-        }
-      }
-      const T* __restrict__ m = centre.data();
-      const T* __restrict__ m_lo = centre_lo.data();
-      const T* __restrict__ k = scale.data();
-      const T* __restrict__ b = shift.data();
-      for (int64_t l = 0; l < length; ++l) {
-        const T* __restrict__ row = x_i + l * c;
-        T* __restrict__ out = a.y + (i * length + l) * c;
-        for (int64_t j = 0; j < c; ++j) out[j] = ((row[j] - m[j]) - m_lo[j]) * k[j] + b[j];
-      }
-    }
-  });
-}
-
-// Contiguous: per (n, g), D * L consecutive elements.
-template <typename T>
-void forward_contiguous_kernel(const ForwardArgs<T>& a) {
-  const int64_t d = a.c / a.groups, length = a.length, size = d * length;
-  constexpr int64_t kBlock = 1024;  // elements
-  at::parallel_for(0, a.n * a.groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ig = begin; ig < end; ++ig) {
-      const int64_t i = ig / a.groups, j0 = (ig % a.groups) * d;
-      const T* __restrict__ x_g = a.x + ig * size;
-      const T pivot = x_g[0];
-      double run_mean = 0, run_m2 = 0;  // relative to the pivot
-      for (int64_t l0 = 0; l0 < size; l0 += kBlock) {
-        const int64_t l1 = std::min(size, l0 + kBlock);
-        T block_sum = 0, block_sq = 0;
-#pragma omp simd reduction(+ : block_sum)
-        for (int64_t l = l0; l < l1; ++l) block_sum += x_g[l] - pivot;
-        const T block_mean = block_sum / static_cast<T>(l1 - l0);
-#pragma omp simd reduction(+ : block_sq)
-        for (int64_t l = l0; l < l1; ++l) {
-          const T dev = (x_g[l] - pivot) - block_mean;
-          block_sq += dev * dev;
-        }
-        const double seen = static_cast<double>(l0), added = static_cast<double>(l1 - l0);
-        const double w = added / (seen + added);
-        const double delta = static_cast<double>(block_mean) - run_mean;
-        run_mean += delta * w;
-        run_m2 += static_cast<double>(block_sq) + delta * delta * seen * w;
-      }
-      const double mean = run_mean + static_cast<double>(pivot);
-      const double rstd = 1.0 / std::sqrt(run_m2 / static_cast<double>(size) + a.eps);
-      a.mean[ig] = static_cast<T>(mean);
-      a.rstd[ig] = static_cast<T>(rstd);
-      const T mean_hi = static_cast<T>(mean);
-      const T mean_lo = static_cast<T>(mean - static_cast<double>(mean_hi));
-      const T* gamma = a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr;
-      const T* beta = a.beta ? a.beta + i * a.beta_row_stride + j0 : nullptr;
-      for (int64_t j = 0; j < d; ++j) {
-        const T k = static_cast<T>(rstd * (gamma ? static_cast<double>(gamma[j]) : 1.0));
-        const T b = beta ? beta[j] : T(0);
-        const T* __restrict__ row = x_g + j * length;
-        T* __restrict__ out = a.y + ig * size + j * length;
-#pragma omp simd
-        for (int64_t l = 0; l < length; ++l) out[l] = ((row[l] - mean_hi) - mean_lo) * k + b;
-      }
-    }
-  });
-}
-
 // The forward op's result for a dense (contiguous or channels_last) CPU input; the
 // public op's CPU kernel (ops/cpu.py) calls it too.
 Tensor3 forward_cpu(const Tensor& input_, int64_t groups, const OptTensor& weight,
@@ -324,8 +174,9 @@ Tensor3 forward_cpu(const Tensor& input_, int64_t groups, const OptTensor& weigh
   Tensor mean = at::empty({n, groups}, input.options());
   Tensor rstd = at::empty({n, groups}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "persample_forward_cpu", [&] {
-    const auto kernel = fmt == at::MemoryFormat::Contiguous ? forward_contiguous_kernel<scalar_t>
-                                                             : forward_channels_last_kernel<scalar_t>;
+    const auto kernel = fmt == at::MemoryFormat::Contiguous
+                            ? persample_cpu::forward_contiguous<scalar_t>
+                            : persample_cpu::forward_channels_last<scalar_t>;
     kernel({input.const_data_ptr<scalar_t>(),
             gamma ? gamma->const_data_ptr<scalar_t>() : nullptr,
             beta ? beta->const_data_ptr<scalar_t>() : nullptr,
@@ -355,186 +206,6 @@ Tensor3 forward_kernel(const Tensor& input_, int64_t groups, const OptTensor& we
   return {out, mean.view({n, groups}), rstd.view({n, groups})};
 }
 
-// The fused backward kernels below read dy and x once for their per-(n, c) sums, which
-// give the per-sample dgamma and dbeta, then write grad_input from the same data: the
-// memory traffic of a forward pass. ATen's kernels read both twice and sum dgamma over
-// the batch, so ops/aten_kernels.py needs extra passes on channels_last.
-//
-// They sum dy * (x - mean) where ATen sums dy * x and subtracts mean * sum(dy): the same
-// quantity, without ATen's cancellation when |mean| >> std (BRIEF: 1.7e-3 relative
-// error in fp32 at mean/std = 1e4). Sums run in T over blocks, which keeps the inner
-// loops vectorisable, and add up in double.
-
-// One (n, g) group, from its D channels' sums dyx[j] = sum dy * (x - mean) and
-// dy_sum[j] = sum dy, and lo = mean(x - mean), what the saved mean, rounded to T, is
-// short of the group's mean: the per-sample dgamma and dbeta (where asked for), and
-// the grad_input coefficients, dx = c1[j] * dy + c2 * (x - mean) + c3. Measuring from
-// the exact mean (mean + lo) keeps the saved mean's rounding out of the results; ATen's
-// form, c2 * x + c3 - c2 * mean, would also cancel when |mean| >> std.
-template <typename T>
-void finish_group(const double* dyx, const double* dy_sum, double lo, const T* gamma,
-                  int64_t d, double rstd, double inv_count, T* grad_weight, T* grad_bias,
-                  T* c1, T& c2, T& c3) {
-  double gamma_dyx = 0, gamma_dy = 0;
-  for (int64_t j = 0; j < d; ++j) {
-    const double gam = gamma ? static_cast<double>(gamma[j]) : 1.0;
-    const double centred = dyx[j] - lo * dy_sum[j];
-    if (grad_weight) grad_weight[j] = static_cast<T>(centred * rstd);
-    if (grad_bias) grad_bias[j] = static_cast<T>(dy_sum[j]);
-    gamma_dyx += gam * centred;
-    gamma_dy += gam * dy_sum[j];
-    c1[j] = static_cast<T>(rstd * gam);
-  }
-  const double b = -gamma_dyx * rstd * rstd * rstd * inv_count;
-  c2 = static_cast<T>(b);
-  c3 = static_cast<T>(-gamma_dy * rstd * inv_count - b * lo);
-}
-
-// The arguments of both fused kernels: dense arrays in the input's layout.
-template <typename T>
-struct BackwardArgs {
-  const T *dy, *x, *mean, *rstd;
-  const T* gamma;            // nullptr: no weight
-  int64_t gamma_row_stride;  // 0: one row shared by all samples
-  int64_t n, length, c, groups;
-  T *grad_input, *grad_weight, *grad_bias;  // nullptr where not wanted
-
-  int64_t d() const { return c / groups; }
-  double inv_count() const { return 1.0 / static_cast<double>(d() * length); }
-};
-
-// channels_last: per sample, L rows of C channels.
-template <typename T>
-void backward_channels_last_kernel(const BackwardArgs<T>& a) {
-  const int64_t c = a.c, d = a.d();  // locals: loop bounds the vectoriser can trust
-  const double inv_count = a.inv_count();
-  constexpr int64_t kBlock = 64;  // rows
-  at::parallel_for(0, a.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> dyx(c), dy_sum(c), x_dev(c);
-    std::vector<T> mean_c(c), block_dyx(c), block_dy(c), block_x(c), c1(c), c2(c), c3(c);
-    for (int64_t i = begin; i < end; ++i) {
-      const T* dy_i = a.dy + i * a.length * c;
-      const T* x_i = a.x + i * a.length * c;
-      for (int64_t j = 0; j < c; ++j) mean_c[j] = a.mean[i * a.groups + j / d];
-      std::fill(dyx.begin(), dyx.end(), 0.0);
-      std::fill(dy_sum.begin(), dy_sum.end(), 0.0);
-      std::fill(x_dev.begin(), x_dev.end(), 0.0);
-      const T* __restrict__ m = mean_c.data();
-      T* __restrict__ bdyx = block_dyx.data();
-      T* __restrict__ bdy = block_dy.data();
-      T* __restrict__ bx = block_x.data();
-      for (int64_t l0 = 0; l0 < a.length; l0 += kBlock) {
-        std::fill(block_dyx.begin(), block_dyx.end(), T(0));
-        std::fill(block_dy.begin(), block_dy.end(), T(0));
-        std::fill(block_x.begin(), block_x.end(), T(0));
-        for (int64_t l = l0; l < std::min(a.length, l0 + kBlock); ++l) {
-          const T* __restrict__ dy_row = dy_i + l * c;
-          const T* __restrict__ x_row = x_i + l * c;
-          for (int64_t j = 0; j < c; ++j) {
-            const T dev = x_row[j] - m[j];
-            bdyx[j] += dy_row[j] * dev;
-            bdy[j] += dy_row[j];
-            bx[j] += dev;
-          }
-        }
-        for (int64_t j = 0; j < c; ++j) {
-          dyx[j] += bdyx[j];
-          dy_sum[j] += bdy[j];
-          x_dev[j] += bx[j];
-        }
-      }
-      const T* gamma_i = a.gamma ? a.gamma + i * a.gamma_row_stride : nullptr;
-      for (int64_t g = 0; g < a.groups; ++g) {
-        const int64_t j0 = g * d;
-        T group_c2, group_c3;
-        double lo = 0;
-        for (int64_t j = j0; j < j0 + d; ++j) lo += x_dev[j];
-        finish_group(dyx.data() + j0, dy_sum.data() + j0, lo * inv_count,
-                     gamma_i ? gamma_i + j0 : nullptr, d,
-                     a.rstd[i * a.groups + g], inv_count,
-                     a.grad_weight ? a.grad_weight + i * c + j0 : nullptr,
-                     a.grad_bias ? a.grad_bias + i * c + j0 : nullptr, c1.data() + j0, group_c2,
-                     group_c3);
-        std::fill(c2.begin() + j0, c2.begin() + j0 + d, group_c2);
-        std::fill(c3.begin() + j0, c3.begin() + j0 + d, group_c3);
-      }
-      if (!a.grad_input) continue;
-      const T* __restrict__ k1 = c1.data();
-      const T* __restrict__ k2 = c2.data();
-      const T* __restrict__ k3 = c3.data();
-      for (int64_t l = 0; l < a.length; ++l) {
-        const T* __restrict__ dy_row = dy_i + l * c;
-        const T* __restrict__ x_row = x_i + l * c;
-        T* __restrict__ dx_row = a.grad_input + (i * a.length + l) * c;
-        for (int64_t j = 0; j < c; ++j) {
-          dx_row[j] = k1[j] * dy_row[j] + k2[j] * (x_row[j] - m[j]) + k3[j];
-        }
-      }
-    }
-  });
-}
-
-// sum(dy * (x - mean)), sum(dy) and sum(x - mean) over one contiguous row (omp simd
-// licenses the reassociation that vectorising a reduction needs).
-template <typename T>
-void row_sums(const T* __restrict__ dy, const T* __restrict__ x, T mean, int64_t length,
-              double& dyx, double& dy_sum, double& x_dev) {
-  constexpr int64_t kBlock = 1024;
-  dyx = dy_sum = x_dev = 0;
-  for (int64_t l0 = 0; l0 < length; l0 += kBlock) {
-    const int64_t l1 = std::min(length, l0 + kBlock);
-    T block_dyx = 0, block_dy = 0, block_x = 0;
-#pragma omp simd reduction(+ : block_dyx, block_dy, block_x)
-    for (int64_t l = l0; l < l1; ++l) {
-      const T dev = x[l] - mean;
-      block_dyx += dy[l] * dev;
-      block_dy += dy[l];
-      block_x += dev;
-    }
-    dyx += block_dyx;
-    dy_sum += block_dy;
-    x_dev += block_x;
-  }
-}
-
-// Contiguous: per (n, g), D rows of L elements, summed and then written while they are
-// still in cache.
-template <typename T>
-void backward_contiguous_kernel(const BackwardArgs<T>& a) {
-  const int64_t length = a.length, d = a.d();  // locals: see above
-  const double inv_count = a.inv_count();
-  at::parallel_for(0, a.n * a.groups, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> dyx(d), dy_sum(d), x_dev(d);
-    std::vector<T> c1(d);
-    for (int64_t ig = begin; ig < end; ++ig) {
-      const int64_t i = ig / a.groups, j0 = (ig % a.groups) * d;
-      const T* dy_g = a.dy + (i * a.c + j0) * length;
-      const T* x_g = a.x + (i * a.c + j0) * length;
-      double lo = 0;
-      for (int64_t j = 0; j < d; ++j) {
-        row_sums(dy_g + j * length, x_g + j * length, a.mean[ig], length, dyx[j], dy_sum[j],
-                 x_dev[j]);
-        lo += x_dev[j];
-      }
-      T c2, c3;
-      finish_group(dyx.data(), dy_sum.data(), lo * inv_count,
-                   a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr, d,
-                   a.rstd[ig], inv_count, a.grad_weight ? a.grad_weight + i * a.c + j0 : nullptr,
-                   a.grad_bias ? a.grad_bias + i * a.c + j0 : nullptr, c1.data(), c2, c3);
-      if (!a.grad_input) continue;
-      for (int64_t j = 0; j < d; ++j) {
-        const T* __restrict__ dy_row = dy_g + j * length;
-        const T* __restrict__ x_row = x_g + j * length;
-        T* __restrict__ dx_row = a.grad_input + (i * a.c + j0 + j) * length;
-        const T k1 = c1[j], mean = a.mean[ig];
-        for (int64_t l = 0; l < length; ++l) {
-          dx_row[l] = k1 * dy_row[l] + c2 * (x_row[l] - mean) + c3;
-        }
-      }
-    }
-  });
-}
-
 // The backward op's result for a validated call; masked-out grads are undefined.
 Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input_, const Tensor& mean,
                         const Tensor& rstd, const OptTensor& weight, int64_t groups,
@@ -560,8 +231,8 @@ Tensor3 backward_kernel(const Tensor& grad_out, const Tensor& input_, const Tens
   if (mask[1]) gw = at::empty({n, c}, input.options());
   if (mask[2]) gb = at::empty({n, c}, input.options());
   AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "persample_backward", [&] {
-    const auto kernel = contiguous ? backward_contiguous_kernel<scalar_t>
-                                   : backward_channels_last_kernel<scalar_t>;
+    const auto kernel = contiguous ? persample_cpu::backward_contiguous<scalar_t>
+                                   : persample_cpu::backward_channels_last<scalar_t>;
     kernel({dy.const_data_ptr<scalar_t>(), input.const_data_ptr<scalar_t>(),
             mean_c.const_data_ptr<scalar_t>(), rstd_c.const_data_ptr<scalar_t>(),
             gamma ? gamma->const_data_ptr<scalar_t>() : nullptr,
