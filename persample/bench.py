@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from . import bench_models
 from . import methods as M
 from .ops import eager
 
@@ -179,6 +180,9 @@ def main(argv=None):
     parser.add_argument("--methods", help="comma-separated subset of: " + ",".join(M.METHODS))
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    parser.add_argument("--model", choices=list(bench_models.MODELS),
+                        help="time one whole DP-SGD step of this model per method instead (persample.bench_models)")
+    parser.add_argument("--batch-size", type=int, help="with --model: the batch (default 8 on CPU, 64 on CUDA)")
     args = parser.parse_args(argv)
     if args.kernels:
         from . import bench_kernels
@@ -187,6 +191,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
+    if args.model:
+        return bench_models.main(args)
     wanted = args.methods.split(",") if args.methods else list(M.METHODS)
     unknown = set(wanted) - set(M.METHODS)
     if unknown:
