@@ -12,7 +12,6 @@ Privacy is accounted with Opacus's RDP accountant.
 """
 
 import math
-import sys
 import time
 
 import torch
@@ -129,16 +128,9 @@ def accuracy(model, params, x, y):
         return (torch.func.functional_call(model, params, (x,)).argmax(1) == y).float().mean().item()
 
 
-def _bar(epoch, epochs, done, total, extra=""):
-    width = 30
-    filled = width * done // total
-    sys.stdout.write(f"\repoch {epoch:>2}/{epochs} [{'#' * filled}{'.' * (width - filled)}] "
-                     f"{done}/{total} {extra}")
-    sys.stdout.flush()
-
-
 def train(args):
     from opacus.accountants import RDPAccountant
+    from tqdm.auto import tqdm
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -177,7 +169,8 @@ def train(args):
     generator = torch.Generator(device=device).manual_seed(args.seed)
     compile_seconds, steps, train_seconds = 0.0, 0, 0.0
     for epoch in range(1, args.epochs + 1):
-        for i in range(steps_per_epoch):
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", unit="step")
+        for _ in range(steps_per_epoch):
             mask = torch.rand(n_train, generator=generator, device=device) < q
             chunks = list(padded_chunks(x_train[mask], y_train[mask], size))
             before = compiles.frame_count if compiles else 0
@@ -193,10 +186,10 @@ def train(args):
                 train_seconds += elapsed
             accountant.step(noise_multiplier=args.noise_multiplier, sample_rate=q)
             steps += 1
-            _bar(epoch, args.epochs, i + 1, steps_per_epoch)
+            bar.update()
         acc = accuracy(model, params, x_test, y_test)
-        _bar(epoch, args.epochs, steps_per_epoch, steps_per_epoch,
-             f"test acc {acc:.3f}  eps {accountant.get_epsilon(DELTA):.2f}\n")
+        bar.set_postfix_str(f"test acc {acc:.3f}, eps {accountant.get_epsilon(DELTA):.2f}")
+        bar.close()
     eps = accountant.get_epsilon(DELTA)
     acc = accuracy(model, params, x_test, y_test)
     print(f"test accuracy {acc:.4f} | epsilon {eps:.2f} at delta {DELTA:g} | "
@@ -240,6 +233,7 @@ def main(argv=None):
     try:
         import opacus  # noqa: F401
         import sklearn  # noqa: F401
+        import tqdm  # noqa: F401
     except ImportError as e:
         p.error(f"{e.name} is missing: pip install 'persample[demo]'")
     train(args)

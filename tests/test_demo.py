@@ -3,6 +3,7 @@
 import contextlib
 import importlib.util
 import io
+import sys
 import unittest
 
 import torch
@@ -10,7 +11,7 @@ import torch._dynamo.testing
 
 from persample import demo
 
-HAS_DEMO_DEPS = all(importlib.util.find_spec(m) for m in ("sklearn", "opacus"))
+HAS_DEMO_DEPS = all(importlib.util.find_spec(m) for m in ("sklearn", "opacus", "tqdm"))
 
 
 def batch(n, seed=0):
@@ -92,15 +93,38 @@ class TestCommandLine(unittest.TestCase):
         self.assertIn("--device", self._error("--device", "tpu"))
         self.assertIn("unrecognized", self._error("--bogus"))
 
-    @unittest.skipUnless(HAS_DEMO_DEPS, "needs persample[demo] (scikit-learn, opacus)")
+    @unittest.skipUnless(HAS_DEMO_DEPS, "needs persample[demo] (scikit-learn, opacus, tqdm)")
     def test_two_short_eager_epochs_train_and_account(self):
         args = demo.parser().parse_args(["--epochs", "2", "--no-compile"])
-        with contextlib.redirect_stdout(io.StringIO()) as out:
+        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
             result = demo.train(args)
         self.assertIn("max abs error", out.getvalue())
         self.assertGreater(result["accuracy"], 0.3)  # chance is 0.1
         self.assertTrue(0 < result["epsilon"] < float("inf"))
         self.assertEqual(result["graphs"], 0)
+        # The last line on stdout sums the run up; tqdm's bars (stderr) end each epoch
+        # with its test accuracy and epsilon.
+        last = out.getvalue().splitlines()[-1]
+        self.assertRegex(last, rf"^test accuracy {result['accuracy']:.4f} \| epsilon {result['epsilon']:.2f} "
+                               r"at delta 1e-05 \| [\d.]+ steps/s \| compile time 0\.0 s \(eager\)$")
+        bars = err.getvalue()
+        for epoch in (1, 2):
+            self.assertRegex(bars, rf"epoch {epoch}/2: 100%.*\d+/\d+ .*test acc 0\.\d{{3}}, eps \d+\.\d\d\]")
+
+    def test_missing_tqdm_is_an_argparse_error(self):
+        # None in sys.modules makes `import tqdm` fail; only this key is swapped.
+        saved, sys.modules["tqdm"] = sys.modules.get("tqdm"), None
+        try:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+                demo.main(["--epochs", "1"])
+        finally:
+            if saved is None:
+                del sys.modules["tqdm"]
+            else:
+                sys.modules["tqdm"] = saved
+        self.assertEqual(cm.exception.code, 2)
+        self.assertRegex(err.getvalue(), r"(tqdm|sklearn|opacus) is missing: pip install 'persample\[demo\]'")
 
 
 if __name__ == "__main__":
