@@ -49,13 +49,19 @@ def load(package_dir):
     return path
 
 
-_LIBRARY_OPS = ("_eager_group_norm", "_cpu_group_norm_backward", "_cpu_group_norm_forward")
+_LIBRARY_OPS = (
+    "_eager_group_norm",
+    "_eager_group_norm_stats",
+    "_cpu_group_norm_backward",
+    "_cpu_group_norm_forward",
+)
 
 
 LIBRARY = load(os.path.dirname(sys.modules["persample"].__file__))
 """Path of the loaded C++ library, or None when the Python kernels serve every call."""
 
 _op = torch.ops.persample._eager_group_norm.default if LIBRARY else None
+_stats_op = torch.ops.persample._eager_group_norm_stats.default if LIBRARY else None
 _cpu_backward = torch.ops.persample._cpu_group_norm_backward.default if LIBRARY else None
 _cpu_forward = torch.ops.persample._cpu_group_norm_forward.default if LIBRARY else None
 _FUSED_DTYPES = (torch.float32, torch.float64)
@@ -71,8 +77,9 @@ C++ path and sends the kernel-bound ones (33M-67M) to Triton. ``python -m
 persample.bench --device cuda --kernels`` measures the crossover; set this from it."""
 
 
-def fast_op(input):
-    """The C++ op when this call on ``input`` may take it, else None.
+def fast_op(input, stats=False):
+    """The C++ op when this call on ``input`` may take it, else None; with ``stats``,
+    the variant that also returns the statistics, ``(out, mean, rstd)``.
 
     It is for plain eager mode only; its kernel sends calls it does not handle
     (dispatch modes, subclasses, reduced precision, invalid ones) to the public op.
@@ -92,7 +99,7 @@ def fast_op(input):
         or _triton_serves(input)
     ):
         return None
-    return _op
+    return _stats_op if stats else _op
 
 
 def _triton_serves(input):

@@ -102,7 +102,8 @@ def _profiled_share(step, device):
             step()
         _sync(device)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
-    outer = [e for e in events if _GROUP_NORM.search(e.name) and not _FUSED.search(e.name) and not _gn_ancestor(e)]
+    outer = [e for e in events
+             if _GROUP_NORM.search(e.name) and not _FUSED.search(e.name) and not _gn_ancestor(e)]
     if not outer and any(_FUSED.search(e.name) for e in events):
         return None
     if device.type == "cuda":
@@ -194,18 +195,31 @@ def run(model, *, device="cpu", batch_size=None, rounds=None, methods=None):
                 bar.update(1)
         times = time_interleaved(steps, rounds, device)
         share = {name: group_norm_share(step, device) for name, step in steps.items()}
-        peak = {name: peak_memory_mb(step, device) for name, step in steps.items()} if device.type == "cuda" else {}
+        cuda = device.type == "cuda"
+        peak = {name: peak_memory_mb(step, device) for name, step in steps.items()} if cuda else {}
     floor = times["nonprivate_compiled"]
+    # The goal's question, persample's row against its stock twin, asked round by round:
+    # a whole step's noise between rounds is larger than GroupNorm's part of it.
+    pairs = {k: (times[k.replace("persample", "stock")], v) for k, v in times.items()
+             if "persample" in k and k.replace("persample", "stock") in times}
     return {
         "model": model, "batch_size": n, "rounds": rounds,
         "parameters": sum(p.numel() for p in w.model.parameters()),
         "group_norm_layers": sum(isinstance(m, torch.nn.GroupNorm) for m in w.model.modules()),
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-        "ratio_to_nonprivate": {k: statistics.median(a / b for a, b in zip(v, floor)) for k, v in times.items()},
+        "ratio_to_nonprivate": {k: statistics.median(a / b for a, b in zip(v, floor))
+                                for k, v in times.items()},
         "ratio_range": {k: [min(a / b for a, b in zip(v, floor)), max(a / b for a, b in zip(v, floor))]
                         for k, v in times.items()},
         "group_norm_share": share, "peak_mb": peak, "first_step_s": compile_s, "skipped": skipped,
+        "persample_over_stock": {k: _ratio_summary(a, b) for k, (b, a) in pairs.items()},
     }
+
+
+def _ratio_summary(a, b):
+    """[median, min, max] of the same-round ratios a/b."""
+    r = [x / y for x, y in zip(a, b)]
+    return [statistics.median(r), min(r), max(r)]
 
 
 def report(result, header):
@@ -220,7 +234,11 @@ def report(result, header):
         lo, hi = result["ratio_range"][name]
         print(f"{name:<26}{ms:>10.1f}{1e3 / ms:>9.2f}{result['ratio_to_nonprivate'][name]:>15.2f}"
               f"{f'({lo:.2f}-{hi:.2f})':>16}{_share(result['group_norm_share'][name]):>17}"
-              f"{result['first_step_s'][name]:>14.1f}" + (f"{result['peak_mb'][name]:>10.0f}" if peak else ""))
+              f"{result['first_step_s'][name]:>14.1f}"
+              + (f"{result['peak_mb'][name]:>10.0f}" if peak else ""))
+    for name, (med, lo, hi) in result["persample_over_stock"].items():
+        print(f"{name} / {name.replace('persample', 'stock')}: {med:.3f} ({lo:.2f}-{hi:.2f}), "
+              "median same-round ratio (range)")
     by_reason = {}
     for name, why in result["skipped"].items():
         by_reason.setdefault(why, []).append(name)
@@ -253,7 +271,8 @@ def main(args):
     header = (f"torch {torch.__version__} | device {device} ({name}) | threads {torch.get_num_threads()} | "
               f"C++ eager path {'built' if persample.ops.eager.LIBRARY else 'not built'}")
     start = time.perf_counter()
-    result = run(args.model, device=args.device, batch_size=args.batch_size, rounds=args.rounds, methods=methods)
+    result = run(args.model, device=args.device, batch_size=args.batch_size, rounds=args.rounds,
+                 methods=methods)
     # Other processes on the machine distort CPU timings (OpenMP threads wait for each
     # other at every barrier), so the load is part of the record.
     header += f" | {time.perf_counter() - start:.0f} s | load average at the end {_load()}"

@@ -150,7 +150,8 @@ def dp_sgd_step(model, loss, n, n_inputs, *, compiled, trained=None):
             return loss(torch.func.functional_call(model, {**fixed, **p}, tuple(inputs)), *targets,
                         reduction="sum")
 
-        grads = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None,) + (0,) * len(batch))(train, *batch)
+        per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None,) + (0,) * len(batch))
+        grads = per_example(train, *batch)
         norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
         factors = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0)
         return {k: p - LR * (torch.einsum("n,n...->...", factors, grads[k])
@@ -186,7 +187,8 @@ def grad_sample_gn_only(w):
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
-    wrapped = call_for_per_sample_grads(torch.compile(model, fullgraph=True, backend=BACKEND), loss_reduction="sum")
+    compiled = torch.compile(model, fullgraph=True, backend=BACKEND)
+    wrapped = call_for_per_sample_grads(compiled, loss_reduction="sum")
 
     def step():
         w.loss(wrapped(*w.inputs), *w.targets, reduction="sum").backward()
@@ -218,6 +220,7 @@ METHODS = {
 }
 # Not a whole-model step, so not run unless asked for (--methods).
 _GN_ONLY = ("persample.call_for_per_sample_grads covers GroupNorm parameters only; a whole-model DP step "
-            "needs every parameter's per-sample gradient (--methods grad_sample_gn_only,func_stock_compiled_gn_only "
+            "needs every parameter's per-sample gradient (--methods "
+            "grad_sample_gn_only,func_stock_compiled_gn_only "
             "times DP fine-tuning of the GroupNorm parameters alone, the one full step it serves)")
 OPT_IN = {"grad_sample_gn_only": _GN_ONLY, "func_stock_compiled_gn_only": _GN_ONLY}

@@ -117,7 +117,8 @@ class WideResNet(nn.Module):
         if depth < 10 or (depth - 4) % 6:
             raise ValueError(f"WideResNet: depth - 4 must be a positive multiple of 6, got depth={depth}")
         if width < 1 or 16 % groups:
-            raise ValueError(f"WideResNet: need width >= 1 and groups dividing 16, got width={width}, groups={groups}")
+            raise ValueError(f"WideResNet: need width >= 1 and groups dividing 16, "
+                             f"got width={width}, groups={groups}")
         conv = WSConv2d if weight_standardization else nn.Conv2d
         self.stem = conv(in_channels, 16, 3, 1, 1)
         blocks, cin = [], 16
@@ -224,7 +225,8 @@ class DiffusionUNet(nn.Module):
         super().__init__()
         if base % 4 or base < 8 or not mult or num_res_blocks < 1:
             raise ValueError(f"DiffusionUNet: need base a multiple of 4 (>= 8), mult non-empty and "
-                             f"num_res_blocks >= 1, got base={base}, mult={mult}, num_res_blocks={num_res_blocks}")
+                             f"num_res_blocks >= 1, got base={base}, mult={mult}, "
+                             f"num_res_blocks={num_res_blocks}")
         self.base, temb_dim = base, 4 * base
         self.temb = nn.Sequential(nn.Linear(base, temb_dim), nn.SiLU(), nn.Linear(temb_dim, temb_dim))
         self.stem = nn.Conv2d(in_channels, base, 3, padding=1)
@@ -236,7 +238,8 @@ class DiffusionUNet(nn.Module):
             cin = ch
             if i < len(widths) - 1:
                 self.downsample.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
-        self.mid = nn.ModuleList([_ResBlock(cin, cin, temb_dim), _Attention(cin), _ResBlock(cin, cin, temb_dim)])
+        self.mid = nn.ModuleList([_ResBlock(cin, cin, temb_dim), _Attention(cin),
+                                  _ResBlock(cin, cin, temb_dim)])
         self.up, self.upsample = nn.ModuleList(), nn.ModuleList()
         for i, ch in reversed(list(enumerate(widths))):
             self.up.append(nn.ModuleList(_ResBlock(cin + ch if j == 0 else ch, ch, temb_dim)

@@ -49,13 +49,14 @@ class GroupNorm(torch.nn.GroupNorm):
             weight = weight + self._weight_sample
         if self._bias_sample is not None:
             bias = bias + self._bias_sample
-        stash = self._forward_hooks and self.training and not torch.compiler.is_compiling()
-        fast = None if stash else eager.fast_op(input)  # the C++ path keeps no statistics
-        if fast is not None:
+        stash = bool(self._forward_hooks) and self.training and not torch.compiler.is_compiling()
+        fast = eager.fast_op(input, stats=stash)
+        if fast is not None and not stash:
             return fast(input, self.num_groups, weight, bias, self.eps)
         if use_aten(input):
             return aten_group_norm(input, self.num_groups, weight, bias, self.eps)
-        out, mean, rstd = group_norm_op(input, self.num_groups, weight, bias, self.eps)
+        op = group_norm_op if fast is None else fast
+        out, mean, rstd = op(input, self.num_groups, weight, bias, self.eps)
         if stash:
             _stash_stats(self, input, mean, rstd)
         return out

@@ -2,12 +2,13 @@
 # On a GPU machine with torch preinstalled (e.g. the lent torch 2.11 machines): build the
 # C++ library if it can, run the CUDA tests, the C++ path's tests and the Triton kernels'
 # tests on the GPU, then the kernel-bound benchmark (Triton against ATen, ExpandedWeights
-# and a copy, plus the routing crossover) and the host-bound one. Budget: under 5
-# minutes on an H200 (each stage prints its time); everything goes to stdout.
+# and a copy, plus the routing crossover), the host-bound one and WRN-16-4's whole
+# DP-SGD step. Budget: under 5 minutes on an H200 (each stage prints its time);
+# everything goes to stdout.
 # Needs only torch and pytest there (triton comes with torch's CUDA wheels): the package
 # is laid out on PYTHONPATH, not installed.
 # With $OUT set (the device tool): $OUT/tests.xml (pytest's JUnit report),
-# $OUT/bench-kernels.json and $OUT/bench-cuda.json.
+# $OUT/bench-kernels.json, $OUT/bench-cuda.json and $OUT/bench-model.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -49,6 +50,11 @@ if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     python3 -P -m persample.bench --device cuda --rounds 30 \
         --methods plain,persample,persample_grad_sample,expanded_weights \
         ${OUT:+--json "$OUT/bench-cuda.json"} || status=$?
+    # One whole DP-SGD step of WRN-16-4 per method (batch 64; Opacus's rows are skipped
+    # where it is not installed). Last, and bounded: inductor compiles two graphs first.
+    stage "model benchmark"
+    timeout 150 python3 -P -m persample.bench --model wrn16-4 --device cuda --rounds 10 \
+        ${OUT:+--json "$OUT/bench-model.json"} || status=$?
 else
     echo "no CUDA device: benchmarks skipped"
 fi

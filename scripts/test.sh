@@ -17,7 +17,7 @@ for v in "${versions[@]}"; do
     "$venv/bin/python" -m pip install -q --disable-pip-version-check "torch==$v" "setuptools>=77"
     # No build isolation: setup.py builds the C++ eager fast path against this torch.
     "$venv/bin/python" -m pip install -q --disable-pip-version-check --no-build-isolation \
-        -e ".[test,opacus,demo,plot]"
+        -e ".[test,opacus,demo,plot,onnx]"
     # A failed (optional) build of the C++ library must fail the tests, not pass on the
     # Python kernels alone (tests/test_eager_fast_path.py).
     PERSAMPLE_REQUIRE_CPP=1 "$venv/bin/python" -m pytest -q "$@"

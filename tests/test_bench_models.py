@@ -41,7 +41,8 @@ def reference_update(w, names=None):
     grads = {k: torch.stack([row[j] for row in rows]) for j, k in enumerate(params)}
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
     factors = (model_methods.MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0)
-    return {k: -model_methods.LR * torch.einsum("n,n...->...", factors, g) / w.n for k, g in grads.items()}, factors
+    update = {k: -model_methods.LR * torch.einsum("n,n...->...", factors, g) / w.n for k, g in grads.items()}
+    return update, factors
 
 
 @mock.patch.dict(model_methods.MODELS, TINY)
@@ -81,7 +82,8 @@ class TestUpdates(unittest.TestCase):
         # call_for_per_sample_grads around the compiled model, and its torch.func peer:
         # DP fine-tuning of the GroupNorm parameters alone. aot_eager: the plumbing, not
         # inductor (torch_compile_tests/test_models.py has the models compiled).
-        gn = model_methods.norm_parameter_names(model_methods.Workload("wrn16-4", 1, torch.device("cpu")).model)
+        model = model_methods.Workload("wrn16-4", 1, torch.device("cpu")).model
+        gn = model_methods.norm_parameter_names(model)
         self.assertEqual(len(gn), 2 * 9)  # WRN-10-1: 9 GroupNorm layers (no projection at width 1)
         with mock.patch.object(model_methods, "BACKEND", "aot_eager"):
             self._check("wrn16-4", ("grad_sample_gn_only", "func_stock_compiled_gn_only"), trained=gn)
@@ -101,7 +103,8 @@ class TestCommandLine(unittest.TestCase):
     def _main(self, *argv):
         # The plumbing, not the compiler: the floor runs eagerly here.
         eager_floor = {"nonprivate_compiled": model_methods.METHODS["nonprivate_eager"]}
-        with mock.patch.dict(model_methods.MODELS, TINY), mock.patch.dict(model_methods.METHODS, eager_floor), \
+        with mock.patch.dict(model_methods.MODELS, TINY), \
+                mock.patch.dict(model_methods.METHODS, eager_floor), \
                 contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
             result = bench.main(list(argv))
         return result, out.getvalue()
@@ -110,18 +113,22 @@ class TestCommandLine(unittest.TestCase):
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "models.json")
             result, out = self._main("--model", "unet", "--rounds", "2", "--batch-size", "3",
-                                     "--methods", "func_persample", "--json", path)
+                                     "--methods", "func_stock,func_persample", "--json", path)
             with open(path) as f:
                 written = json.load(f)
         self.assertEqual(written["ms"], result["ms"])
         self.assertTrue(written["header"].startswith("torch "))
-        measured = {"nonprivate_compiled", "func_persample"}
+        measured = {"nonprivate_compiled", "func_stock", "func_persample"}
         self.assertEqual(set(result["ms"]), measured)
         self.assertEqual(result["ratio_to_nonprivate"]["nonprivate_compiled"], 1.0)
         for name in measured:
             self.assertGreater(result["ms"][name], 0)
             self.assertIn(name, out)
             self.assertTrue(0 < result["group_norm_share"][name] <= 1, result["group_norm_share"])
+        self.assertEqual(set(result["persample_over_stock"]), {"func_persample"})
+        med, lo, hi = result["persample_over_stock"]["func_persample"]
+        self.assertTrue(0 < lo <= med <= hi, (lo, med, hi))
+        self.assertIn("func_persample / func_stock", out)
         self.assertIn("grad_sample_gn_only", result["skipped"])  # opt-in, with its reason
         self.assertIn("GroupNorm parameters only", out)
         self.assertEqual(result["peak_mb"], {})  # CUDA only

@@ -96,7 +96,8 @@ class TestCommandLine(unittest.TestCase):
     @unittest.skipUnless(HAS_DEMO_DEPS, "needs persample[demo] (scikit-learn, opacus, tqdm)")
     def test_two_short_eager_epochs_train_and_account(self):
         args = demo.parser().parse_args(["--epochs", "2", "--no-compile"])
-        with contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()) as err:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             result = demo.train(args)
         self.assertIn("max abs error", out.getvalue())
         self.assertGreater(result["accuracy"], 0.3)  # chance is 0.1

@@ -215,6 +215,26 @@ class AgreementTests:
         self.assertEqual((x.grad, layer.weight.grad, layer.bias.grad),
                          (x2.grad, stock.weight.grad, stock.bias.grad))
 
+    def test_module_under_forward_hooks_keeps_statistics(self):
+        # Opacus's hooks: the layer stashes its statistics for persample.opacus's sampler,
+        # and still takes the fast path.
+        layer = persample.nn.GroupNorm(2, 4, device=self.device)
+        layer.register_forward_hook(lambda *args: None)
+        for fmt in (None, CL):
+            x = self.input((3, 4, 5, 2), fmt, requires_grad=True) * 4 + 3
+            with self.subTest(fmt=fmt):
+                y = layer(x)
+                self.assertEqual(node_name(y), FAST_NODE)
+                ref, mean, rstd = group_norm_op(x, 2, layer.weight, layer.bias, layer.eps)
+                self.assertEqual(y, ref)
+                saved = persample.nn.pop_stats(layer, x)
+                self.assertIsNotNone(saved)
+                self.assertEqual(saved, (mean, rstd))
+                self.assertFalse(any(t.requires_grad for t in saved))
+                got = torch.autograd.grad(y, (x, layer.weight), torch.ones_like(y).cumsum(-1))
+                expected = torch.autograd.grad(ref, (x, layer.weight), torch.ones_like(y).cumsum(-1))
+                self.assertEqual(got, expected)
+
 
 @needs_library
 class TestAgreement(AgreementTests, TestCase):

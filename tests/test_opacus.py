@@ -9,6 +9,9 @@ import torch
 import torch.nn.functional as F
 from samples import per_example_model_grads
 
+import persample
+from persample.ops import eager
+
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None
 
@@ -57,6 +60,24 @@ class TestOpacus(unittest.TestCase):
             got = self._grad_samples(model)
         self.assertEqual(got["1.weight"].shape, (6, 8))
         self.assertEqual(model[1]._saved_stats, [])  # claimed by the sampler
+
+    @unittest.skipUnless(eager.LIBRARY, "needs the C++ library")
+    def test_hooks_mode_keeps_the_fast_path(self):
+        # The layer's forward under Opacus's hooks takes the C++ op that also returns the
+        # statistics, rather than the public op's Python path.
+        import persample.opacus  # noqa: F401
+
+        calls, real = [], eager._stats_op
+
+        def spy(*args):
+            calls.append(args[0].shape)
+            return real(*args)
+
+        with mock.patch.object(eager, "_stats_op", spy):
+            got = self._grad_samples(persample.convert_group_norm(stock_model()))
+        self.assertEqual(calls, [(6, 8, 4, 4)])
+        ref = per_example_model_grads(stock_model(), self.x, self.y)
+        torch.testing.assert_close(got["1.weight"].double(), ref["1.weight"], rtol=1e-4, atol=1e-6)
 
     def test_opt_in_for_torch_group_norm(self):
         from opacus.grad_sample import GradSampleModule

@@ -80,7 +80,8 @@ class ModelCase:
         names = set(self.ref) if every_parameter else {k for k in self.ref if _is_norm_param(self.model, k)}
         self.assertEqual(set(got), names)
         for name in names:
-            torch.testing.assert_close(got[name].double(), self.ref[name], **TOL, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(got[name].double(), self.ref[name], **TOL,
+                                       msg=lambda m: f"{name}: {m}")
 
     def test_torch_func_eager(self):
         self._check_grads(self._func_grads(), every_parameter=True)
@@ -139,7 +140,9 @@ class ModelCase:
         before = {k: v.detach().clone() for k, v in model.named_parameters()}
         loader = DataLoader(TensorDataset(*self.inputs, *self.targets), batch_size=len(self.inputs[0]))
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-        extra = dict(criterion=model_methods.LossCriterion(self.loss), grad_sample_mode="ghost") if mode == "ghost" else {}
+        extra = {}
+        if mode == "ghost":
+            extra = dict(criterion=model_methods.LossCriterion(self.loss), grad_sample_mode="ghost")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # secure RNG, full backward hooks
             private = PrivacyEngine().make_private(
@@ -199,7 +202,8 @@ class TestDiffusionUNet(ModelCase, unittest.TestCase):
 
     def data(self, n):
         g = torch.Generator().manual_seed(n)
-        x_t, t, noise = models.noisy_batch(models.synthetic_images(n, 8, generator=g).clamp(-1, 1), generator=g)
+        x0 = models.synthetic_images(n, 8, generator=g).clamp(-1, 1)
+        x_t, t, noise = models.noisy_batch(x0, generator=g)
         return (x_t, t), (noise,)
 
     loss = staticmethod(models.noise_prediction_loss)

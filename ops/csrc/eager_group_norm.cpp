@@ -264,9 +264,11 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["sum_bias"] = bias.has_value() && bias->dim() == 1;
     ctx->save_for_backward({input, mean, rstd, weight.value_or(Tensor())});
-    return {out};
+    ctx->mark_non_differentiable({mean, rstd});
+    return {out, mean, rstd};
   }
 
+  // grads[0] only: the statistics are not differentiable.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &mean = saved[1], &rstd = saved[2];
@@ -302,12 +304,18 @@ class EagerGroupNorm : public torch::autograd::Function<EagerGroupNorm> {
 
 namespace {
 
+Tensor3 eager_group_norm_stats(const Tensor& input, int64_t groups, const OptTensor& weight,
+                               const OptTensor& bias, double eps) {
+  if (!fast_ok(input, groups, weight, bias, eps)) {
+    return public_forward().call(input, groups, weight, bias, eps);
+  }
+  auto outs = persample::EagerGroupNorm::apply(input, groups, weight, bias, eps);
+  return {outs[0], outs[1], outs[2]};
+}
+
 Tensor eager_group_norm(const Tensor& input, int64_t groups, const OptTensor& weight,
                         const OptTensor& bias, double eps) {
-  if (!fast_ok(input, groups, weight, bias, eps)) {
-    return std::get<0>(public_forward().call(input, groups, weight, bias, eps));
-  }
-  return persample::EagerGroupNorm::apply(input, groups, weight, bias, eps)[0];
+  return std::get<0>(eager_group_norm_stats(input, groups, weight, bias, eps));
 }
 
 }  // namespace
@@ -315,6 +323,10 @@ Tensor eager_group_norm(const Tensor& input, int64_t groups, const OptTensor& we
 TORCH_LIBRARY_FRAGMENT(persample, m) {
   m.def("_eager_group_norm(Tensor input, int num_groups, Tensor? weight=None, "
         "Tensor? bias=None, float eps=1e-05) -> Tensor");
+  // The same with the statistics, for a layer whose forward hooks want them
+  // (persample.nn.GroupNorm under Opacus's hooks).
+  m.def("_eager_group_norm_stats(Tensor input, int num_groups, Tensor? weight=None, "
+        "Tensor? bias=None, float eps=1e-05) -> (Tensor, Tensor, Tensor)");
   // The backward kernel alone, for the public backward op's CPU kernel (ops/cpu.py),
   // which checks that the call is one it handles. Masked-out outputs are None.
   m.def("_cpu_group_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, "
@@ -333,4 +345,5 @@ TORCH_LIBRARY_IMPL(persample, CPU, m) {
 // also serves calls that reach no autograd key, such as inference-mode tensors.
 TORCH_LIBRARY_IMPL(persample, CompositeImplicitAutograd, m) {
   m.impl("_eager_group_norm", eager_group_norm);
+  m.impl("_eager_group_norm_stats", eager_group_norm_stats);
 }
