@@ -132,13 +132,14 @@ def _param_grad(g, input, weight):
     return g if g.dtype == dtype else g.to(dtype)
 
 
-def backward_channels_last(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    """channels_last, from ATen ops: the layout does not admit the per-sample view, and
-    ATen's channels_last kernels take differences (``sum dy*x - mean*sum dy``) that
-    cancel when |mean| >> std. So per-(sample, channel) sums of ``dy`` and
-    ``dy * (x - mean)`` over the rows as they lie in memory give the per-sample grads
-    and, in closed form, grad_input (the C++ library's fused kernel does the same in
-    one pass)."""
+def backward_centred(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    """channels_last, and fp16/bf16 in any layout, from ATen ops. channels_last does not
+    admit the per-sample view, and ATen's kernels take differences
+    (``sum dy*x - mean*sum dy``) that cancel when |mean| >> std, which its mixed-dtype
+    fp16/bf16 kernel makes worse than stock's own fp16 error. So per-(sample, channel)
+    sums of ``dy`` and ``dy * (x - mean)`` over the rows as they lie in memory give the
+    per-sample grads and, in closed form, grad_input (the C++ library's fused kernel
+    does the same in one pass)."""
     input, fmt = dense(input)
     grad_out, _ = dense(grad_out, fmt)
     n, c, length = sizes(input)

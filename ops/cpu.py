@@ -1,4 +1,6 @@
-"""CPU kernels: ATen's fused CPU GroupNorm kernels, driven to yield per-sample grads."""
+"""CPU kernels of the public ops: the C++ library's fused kernels where it is loaded, else ATen's kernels on the per-sample view and centred ATen-op formulas (ops/aten_kernels.py)."""
+
+import torch
 
 from . import aten_kernels as k
 from . import eager
@@ -30,12 +32,10 @@ def backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     fused = eager.cpu_backward(input, weight)
     if fused is not None:
         gi, gw, gb = fused(grad_out, input, mean, rstd, weight, num_groups, output_mask)
-    elif dense_fmt == CONTIGUOUS:
+    elif dense_fmt == CONTIGUOUS and input.dtype in (torch.float32, torch.float64):
         gi, gw, gb = k.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
     else:
-        gi, gw, gb = k.backward_channels_last(
-            grad_out, input, mean, rstd, weight, num_groups, output_mask
-        )
+        gi, gw, gb = k.backward_centred(grad_out, input, mean, rstd, weight, num_groups, output_mask)
     return (None if gi is None else in_format(gi, fmt)), gw, gb
 
 

@@ -65,6 +65,7 @@ _stats_op = torch.ops.persample._eager_group_norm_stats.default if LIBRARY else 
 _cpu_backward = torch.ops.persample._cpu_group_norm_backward.default if LIBRARY else None
 _cpu_forward = torch.ops.persample._cpu_group_norm_forward.default if LIBRARY else None
 _FUSED_DTYPES = (torch.float32, torch.float64)
+_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 TRITON_MIN_NUMEL = 1 << 24
 """fp32 CUDA inputs of at least this many elements skip the C++ path for the public op,
@@ -117,21 +118,39 @@ def cpu_backward(input, weight):
     """The library's backward kernel, when it handles a backward-op call on this dense
     (contiguous or channels_last) CPU input, else None. Same signature and results as
     the Python body in ops/cpu.py, faster (read ops/csrc/eager_group_norm.cpp)."""
-    if (
-        _cpu_backward is None
-        or input.dtype not in _FUSED_DTYPES
-        or (weight is not None and weight.dtype != input.dtype)
-    ):
+    if _cpu_backward is None:
         return None
-    return _cpu_backward
+    if input.dtype in _FUSED_DTYPES and (weight is None or weight.dtype == input.dtype):
+        return _cpu_backward
+    return _reduced_backward if input.dtype in _REDUCED_DTYPES else None
 
 
 def cpu_forward(input, weight, bias):
     """The library's forward kernel, when it handles a forward-op call on this dense
     (contiguous or channels_last) CPU input, else None (read ops/csrc/eager_group_norm.cpp:
     it keeps the precision that ATen's kernels lose when |mean| >> std)."""
-    if _cpu_forward is None or input.dtype not in _FUSED_DTYPES or any(
-        p is not None and p.dtype != input.dtype for p in (weight, bias)
-    ):
+    if _cpu_forward is None:
         return None
-    return _cpu_forward
+    if input.dtype in _FUSED_DTYPES and all(p is None or p.dtype == input.dtype for p in (weight, bias)):
+        return _cpu_forward
+    return _reduced_forward if input.dtype in _REDUCED_DTYPES else None
+
+
+# fp16/bf16 run the fp32 kernels on fp32 copies (the statistics and per-sample gradients
+# are fp32 anyway). ATen's mixed-dtype CPU backward, the alternative, cancels when
+# |mean| >> std or a group is one element: grad_input off by 64 where stock fp16 is
+# off by 0, measured; the fused kernels' error stays within an fp16 rounding of stock's.
+def _fp32(t):
+    return None if t is None else t.to(torch.float32)
+
+
+def _reduced_forward(input, num_groups, weight, bias, eps):
+    out, mean, rstd = _cpu_forward(_fp32(input), num_groups, _fp32(weight), _fp32(bias), eps)
+    return out.to(input.dtype), mean, rstd
+
+
+def _reduced_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    gi, gw, gb = _cpu_backward(
+        _fp32(grad_out), _fp32(input), _fp32(mean), _fp32(rstd), _fp32(weight), num_groups, output_mask
+    )
+    return (None if gi is None else gi.to(input.dtype)), gw, gb
