@@ -1,4 +1,6 @@
-"""CPU kernels of the public ops: the C++ library's fused kernels where it is loaded, else ATen's kernels on the per-sample view and centred ATen-op formulas (ops/aten_kernels.py)."""
+"""CPU kernels of the public ops: the C++ library's fused kernels where it is loaded,
+else ATen's kernels on the per-sample view and centred ATen-op formulas
+(ops/aten_kernels.py)."""
 
 import torch
 
