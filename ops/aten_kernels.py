@@ -65,10 +65,10 @@ def _bcast(t, input):
 def forward(input, num_groups, weight, bias, eps):
     """Output (dense, in the layout ``layout.dense`` picks for ``input``), mean, rstd."""
     input, fmt = dense(input)
-    if fmt != CONTIGUOUS:
-        return forward_channels_last(input, num_groups, weight, bias, eps)
-    n, c, length = sizes(input)
     dtype = acc_dtype(input.dtype)
+    if fmt != CONTIGUOUS or dtype != input.dtype:
+        return forward_centred(input, num_groups, weight, bias, eps)
+    n, c, length = sizes(input)
     w_row, b_row = shared_row(weight), shared_row(bias)
     if (w_row is not None or weight is None) and (b_row is not None or bias is None):
         w, b = _as(w_row, dtype), _as(b_row, dtype)
@@ -80,14 +80,17 @@ def forward(input, num_groups, weight, bias, eps):
     return out, mean.view(n, num_groups), rstd.view(n, num_groups)
 
 
-def forward_channels_last(input, num_groups, weight, bias, eps):
-    """channels_last, from ATen ops: ATen's channels_last GroupNorm kernel takes the
-    variance as E[x^2] - mean^2, which cancels when |mean| >> std (measured in fp32 at
-    mean/std = 1e3: output error 0.29, against 8e-5 from its contiguous kernel). So the
+def forward_centred(input, num_groups, weight, bias, eps):
+    """channels_last, and fp16/bf16 in any layout, from ATen ops: ATen's channels_last
+    GroupNorm kernel takes the variance as E[x^2] - mean^2, which cancels when
+    |mean| >> std (measured in fp32 at mean/std = 1e3: output error 0.29, against 8e-5
+    from its contiguous kernel), and its mixed-dtype fp16/bf16 kernel loses ~6e-6 of
+    rstd at mean/std ~ 1e3, which the centred backward's per-sample dgamma carries
+    (measured: 3x stock's dgamma error, though stock's rstd is as far off). So the
     statistics come from ``var_mean`` (Welford) over the rows as they lie in memory,
-    and elementwise ops normalise, centred on a float64 mean for fp32 input (one rounded
-    to fp32 would cost its rounding error times rstd when |mean| >> std). The C++
-    library has a faster kernel for it."""
+    and elementwise ops normalise, centred on a float64 mean for fp32 input (one
+    rounded to fp32 would cost its rounding error times rstd when |mean| >> std). The
+    C++ library has a faster kernel for it."""
     n, c, length = sizes(input)
     d, dtype = c // num_groups, acc_dtype(input.dtype)
     work = torch.float64 if dtype == torch.float32 and input.dtype == dtype else dtype
