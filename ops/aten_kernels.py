@@ -107,12 +107,15 @@ def forward_centred(input, num_groups, weight, bias, eps):
 
 
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
-    """Contiguous layout, on the per-sample view. Returns grad_input and per-sample
-    ``[N, C]`` grads, each None where ``output_mask`` says so."""
+    """Contiguous layout, on the per-sample view (fp16/bf16: :func:`backward_centred`).
+    Returns grad_input and per-sample ``[N, C]`` grads, each None where ``output_mask``
+    says so."""
+    dtype = acc_dtype(input.dtype)
+    if dtype != input.dtype:
+        return backward_centred(grad_out, input, mean, rstd, weight, num_groups, output_mask)
     input, _ = dense(input, CONTIGUOUS)
     grad_out, _ = dense(grad_out, CONTIGUOUS)
     n, c, length = sizes(input)
-    dtype = acc_dtype(input.dtype)
     w = _flat(weight, n, c, dtype)
     if w is None:
         w = input.new_ones((n * c,), dtype=dtype)

@@ -8,7 +8,8 @@ under ``python -O`` and lets them run on SymInts without forcing a specialisatio
 
 import torch
 
-_REDUCED = (torch.float16, torch.bfloat16)
+REDUCED = (torch.float16, torch.bfloat16)
+"""Input dtypes whose statistics and accumulation are fp32."""
 
 
 def _v(size):
@@ -32,7 +33,7 @@ def _check(cond, message):
 
 def acc_dtype(input_dtype):
     """Dtype of the saved statistics and of the fp32-or-wider accumulation."""
-    return torch.float32 if input_dtype in _REDUCED else input_dtype
+    return torch.float32 if input_dtype in REDUCED else input_dtype
 
 
 def grad_param_dtype(input, weight):
@@ -61,11 +62,11 @@ def _check_param(name, p, input):
         p.device == input.device,
         lambda: f"persample.group_norm: {name} is on {p.device} but input is on {input.device}",
     )
-    allowed = (input.dtype, torch.float32) if input.dtype in _REDUCED else (input.dtype,)
+    allowed = (input.dtype, torch.float32) if input.dtype in REDUCED else (input.dtype,)
     _check(
         p.dtype in allowed,
         lambda: f"persample.group_norm: {name} has dtype {p.dtype}, expected {input.dtype}"
-        + (" or torch.float32" if input.dtype in _REDUCED else ""),
+        + (" or torch.float32" if input.dtype in REDUCED else ""),
     )
     _check(
         p.shape[-1] == c,
@@ -117,7 +118,7 @@ def _fast_ok(input, num_groups, params):
     for p in params:
         if p is None:
             continue
-        if p.device != device or (p.dtype != dtype and (p.dtype != torch.float32 or dtype not in _REDUCED)):
+        if p.device != device or (p.dtype != dtype and (p.dtype != torch.float32 or dtype not in REDUCED)):
             return False
         ps = p.shape
         if not (tuple.__eq__(ps, (c,)) or tuple.__eq__(ps, (n, c))) or type(ps[0]) is not int:

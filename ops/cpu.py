@@ -2,8 +2,6 @@
 else ATen's kernels on the per-sample view and centred ATen-op formulas
 (ops/aten_kernels.py)."""
 
-import torch
-
 from . import aten_kernels as k
 from . import eager
 from .checks import check_group_norm
@@ -34,7 +32,7 @@ def backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     fused = eager.cpu_backward(input, weight)
     if fused is not None:
         gi, gw, gb = fused(grad_out, input, mean, rstd, weight, num_groups, output_mask)
-    elif dense_fmt == CONTIGUOUS and input.dtype in (torch.float32, torch.float64):
+    elif dense_fmt == CONTIGUOUS:
         gi, gw, gb = k.backward(grad_out, input, mean, rstd, weight, num_groups, output_mask)
     else:
         gi, gw, gb = k.backward_centred(grad_out, input, mean, rstd, weight, num_groups, output_mask)

@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import cuda
+from .checks import REDUCED
 
 
 def library_name(torch_version=torch.__version__):
@@ -65,7 +66,6 @@ _stats_op = torch.ops.persample._eager_group_norm_stats.default if LIBRARY else 
 _cpu_backward = torch.ops.persample._cpu_group_norm_backward.default if LIBRARY else None
 _cpu_forward = torch.ops.persample._cpu_group_norm_forward.default if LIBRARY else None
 _FUSED_DTYPES = (torch.float32, torch.float64)
-_REDUCED_DTYPES = (torch.float16, torch.bfloat16)
 
 TRITON_MIN_NUMEL = 1 << 24
 """fp32 CUDA inputs of at least this many elements skip the C++ path for the public op,
@@ -122,7 +122,7 @@ def cpu_backward(input, weight):
         return None
     if input.dtype in _FUSED_DTYPES and (weight is None or weight.dtype == input.dtype):
         return _cpu_backward
-    return _reduced_backward if input.dtype in _REDUCED_DTYPES else None
+    return _reduced_backward if input.dtype in REDUCED else None
 
 
 def cpu_forward(input, weight, bias):
@@ -133,7 +133,7 @@ def cpu_forward(input, weight, bias):
         return None
     if input.dtype in _FUSED_DTYPES and all(p is None or p.dtype == input.dtype for p in (weight, bias)):
         return _cpu_forward
-    return _reduced_forward if input.dtype in _REDUCED_DTYPES else None
+    return _reduced_forward if input.dtype in REDUCED else None
 
 
 # fp16/bf16 run the fp32 kernels on fp32 copies (the statistics and per-sample gradients
@@ -150,7 +150,8 @@ def _reduced_forward(input, num_groups, weight, bias, eps):
 
 
 def _reduced_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
+    # mean and rstd are fp32 already (checks.acc_dtype).
     gi, gw, gb = _cpu_backward(
-        _fp32(grad_out), _fp32(input), _fp32(mean), _fp32(rstd), _fp32(weight), num_groups, output_mask
+        _fp32(grad_out), _fp32(input), mean, rstd, _fp32(weight), num_groups, output_mask
     )
     return (None if gi is None else gi.to(input.dtype)), gw, gb
