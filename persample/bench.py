@@ -13,13 +13,13 @@ import json
 import math
 import platform
 import statistics
-import time
 
 import torch
 
 from . import bench_models
 from . import methods as M
 from .ops import eager
+from .timing import time_interleaved
 
 SHAPES = [  # (N, C, H, W, G), channels_last: the BRIEF's table, plus channels_last
     ((64, 64, 32, 32, 32), False),
@@ -50,25 +50,6 @@ def _steady_allocator():
         return False
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_methods(steps, rounds, device):
-    """Seconds per round of each step, interleaved, in a rotating order."""
-    times = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(rounds):
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            _sync(device)
-            start = time.perf_counter()
-            steps[name]()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def run_shape(shape, channels_last, rounds, device, wanted):
     # Each shape compiles afresh; dynamo's per-function recompile limit would otherwise
     # be reached across shapes.
@@ -89,7 +70,7 @@ def run_shape(shape, channels_last, rounds, device, wanted):
                 raise
             del steps[name]
             skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
-    times = time_methods(steps, rounds, device)
+    times = time_interleaved(steps, rounds, device)
     plain = times["plain"]
     return {
         "shape": list(shape),

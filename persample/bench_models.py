@@ -26,6 +26,7 @@ import torch
 import persample
 
 from . import model_methods as M
+from . import timing
 from .methods import Unavailable
 
 BATCH_SIZE = {"cpu": 8, "cuda": 64}
@@ -60,25 +61,15 @@ def _progress(total, desc):
     return tqdm(total=total, desc=desc, leave=False)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_interleaved(steps, rounds, device):
-    """Seconds of each step per round, the order rotating each round."""
-    times, names = {n: [] for n in steps}, list(steps)
-    with _progress(rounds * len(names), "timing") as bar:
-        for r in range(rounds):
-            for name in names[r % len(names):] + names[: r % len(names)]:
-                bar.set_postfix_str(name)
-                _sync(device)
-                start = time.perf_counter()
-                steps[name]()
-                _sync(device)
-                times[name].append(time.perf_counter() - start)
-                bar.update(1)
-    return times
+    """Seconds of each step per round, the order rotating each round, with a progress bar."""
+    with _progress(rounds * len(steps), "timing") as bar:
+
+        def on_step(name):
+            bar.set_postfix_str(name)
+            bar.update(1)
+
+        return timing.time_interleaved(steps, rounds, device, on_step)
 
 
 def group_norm_share(step, device, repeats=3):
@@ -96,11 +87,11 @@ def _profiled_share(step, device):
     from torch.profiler import ProfilerActivity, profile, record_function
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    timing.sync(device)
     with profile(activities=activities) as prof:
         with record_function("persample_bench::step"):
             step()
-        _sync(device)
+        timing.sync(device)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     outer = [e for e in events
              if _GROUP_NORM.search(e.name) and not _FUSED.search(e.name) and not _gn_ancestor(e)]
@@ -124,11 +115,11 @@ def _gn_ancestor(event):
 
 def peak_memory_mb(step, device):
     """Peak CUDA memory of one step above what was allocated before it, in MiB."""
-    _sync(device)
+    timing.sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     step()
-    _sync(device)
+    timing.sync(device)
     return (torch.cuda.max_memory_allocated(device) - before) / 2**20
 
 
