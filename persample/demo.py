@@ -58,10 +58,16 @@ def per_sample_grads(model, params, x, y):
     return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
 
 
+def clip_factors(per_sample, max_grad_norm):
+    """Tensor[N]: each example's clipping factor, from its whole gradient's norm over the
+    ``[N, ...]`` per-sample gradients ``per_sample`` (an iterable)."""
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in per_sample], 1).norm(dim=1)
+    return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+
+
 def clip(grads, max_grad_norm):
     """Per-sample clipping: scale each example's whole gradient to norm <= max_grad_norm."""
-    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
-    factors = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    factors = clip_factors(grads.values(), max_grad_norm)
     return {k: g * factors.view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
 
 

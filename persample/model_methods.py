@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import persample
 
 from . import models
+from .demo import clip_factors
 from .grad_sample import call_for_per_sample_grads, per_sample_layers
 from .methods import Unavailable
 
@@ -152,8 +153,7 @@ def dp_sgd_step(model, loss, n, n_inputs, *, compiled, trained=None):
 
         per_example = torch.func.vmap(torch.func.grad(example_loss), in_dims=(None,) + (0,) * len(batch))
         grads = per_example(train, *batch)
-        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
-        factors = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0)
+        factors = clip_factors(grads.values(), MAX_GRAD_NORM)
         return {k: p - LR * (torch.einsum("n,n...->...", factors, grads[k])
                              + torch.randn_like(p) * (NOISE_MULTIPLIER * MAX_GRAD_NORM)) / n
                 for k, p in train.items()}
@@ -193,8 +193,7 @@ def grad_sample_gn_only(w):
     def step():
         w.loss(wrapped(*w.inputs), *w.targets, reduction="sum").backward()
         grads = [p.grad_sample for p in params]
-        norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], 1).norm(dim=1)
-        factors = (MAX_GRAD_NORM / (norms + 1e-6)).clamp(max=1.0)
+        factors = clip_factors(grads, MAX_GRAD_NORM)
         with torch.no_grad():
             for p, g in zip(params, grads):
                 noise = torch.randn_like(p) * (NOISE_MULTIPLIER * MAX_GRAD_NORM)
