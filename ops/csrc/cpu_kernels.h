@@ -93,6 +93,25 @@ inline void normalize_row(const T* __restrict__ x, const T* __restrict__ centre,
   for (int64_t j = 0; j < c; ++j) y[j] = (x[j] - centre[j]) * k[j] + b[j];
 }
 
+// Stores group ig's statistics and writes its D channels' output coefficients,
+// y = (x - hi) * k[j] + b[j]; returns hi, the mean as T. Its rounding error lo is folded
+// into b: x - hi is exact near the mean, so the precision a mean rounded to T would lose
+// when |mean| >> std is kept.
+template <typename T>
+inline T store_group(const ForwardArgs<T>& a, int64_t ig, double mean, double rstd,
+                     const T* gamma, const T* beta, int64_t d, T* k, T* b) {
+  a.mean[ig] = static_cast<T>(mean);
+  a.rstd[ig] = static_cast<T>(rstd);
+  const T hi = static_cast<T>(mean);
+  const double lo = mean - static_cast<double>(hi);
+  for (int64_t j = 0; j < d; ++j) {
+    const double scale = rstd * (gamma ? static_cast<double>(gamma[j]) : 1.0);
+    k[j] = static_cast<T>(scale);
+    b[j] = static_cast<T>((beta ? static_cast<double>(beta[j]) : 0.0) - lo * scale);
+  }
+  return hi;
+}
+
 // channels_last, sample i: L rows of C channels. Scratch: 2C doubles, 5C Ts.
 template <typename T>
 void forward_channels_last_sample(const ForwardArgs<T>& a, int64_t i,
@@ -103,7 +122,7 @@ void forward_channels_last_sample(const ForwardArgs<T>& a, int64_t i,
   T* __restrict__ pivot = tbuf;
   T* __restrict__ s1 = tbuf + c;
   T* __restrict__ s2 = tbuf + 2 * c;
-  T* __restrict__ k = tbuf + 3 * c;  // also the centre, until the output pass
+  T* __restrict__ k = tbuf + 3 * c;
   T* __restrict__ b = tbuf + 4 * c;
   const T* x_i = a.x + i * length * c;
   const int64_t first = std::min(length, kBlock);
@@ -136,25 +155,19 @@ void forward_channels_last_sample(const ForwardArgs<T>& a, int64_t i,
       m2 += run_m2[j] + static_cast<double>(length) * dev * dev;
     }
     const double rstd = 1.0 / std::sqrt(m2 / static_cast<double>(d * length) + a.eps);
-    a.mean[i * a.groups + g] = static_cast<T>(mean);
-    a.rstd[i * a.groups + g] = static_cast<T>(rstd);
-    const T hi = static_cast<T>(mean);
-    const double lo = mean - static_cast<double>(hi);
-    for (int64_t j = g * d; j < (g + 1) * d; ++j) {
-      const double scale = rstd * (gamma_i ? static_cast<double>(gamma_i[j]) : 1.0);
-      centre[j] = hi;
-      k[j] = static_cast<T>(scale);
-      b[j] = static_cast<T>((beta_i ? static_cast<double>(beta_i[j]) : 0.0) - lo * scale);
-    }
+    const int64_t j0 = g * d;
+    const T hi = store_group(a, i * a.groups + g, mean, rstd, gamma_i ? gamma_i + j0 : nullptr,
+                             beta_i ? beta_i + j0 : nullptr, d, k + j0, b + j0);
+    std::fill(centre + j0, centre + j0 + d, hi);
   }
   for (int64_t l = 0; l < length; ++l) {
     normalize_row(x_i + l * c, centre, k, b, a.y + (i * length + l) * c, c);
   }
 }
 
-// Contiguous, group ig = (n, g): D * L consecutive elements.
+// Contiguous, group ig = (n, g): D * L consecutive elements. Scratch: 2D Ts.
 template <typename T>
-void forward_contiguous_group(const ForwardArgs<T>& a, int64_t ig) {
+void forward_contiguous_group(const ForwardArgs<T>& a, int64_t ig, T* tbuf) {
   constexpr int64_t kBlock = 1024;  // elements
   const int64_t d = a.c / a.groups, length = a.length, size = d * length;
   const int64_t i = ig / a.groups, j0 = (ig % a.groups) * d;
@@ -174,16 +187,12 @@ void forward_contiguous_group(const ForwardArgs<T>& a, int64_t ig) {
   }
   const double mean = run_mean + static_cast<double>(pivot);
   const double rstd = 1.0 / std::sqrt(run_m2 / static_cast<double>(size) + a.eps);
-  a.mean[ig] = static_cast<T>(mean);
-  a.rstd[ig] = static_cast<T>(rstd);
-  const T hi = static_cast<T>(mean);
-  const double lo = mean - static_cast<double>(hi);
-  const T* gamma = a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr;
-  const T* beta = a.beta ? a.beta + i * a.beta_row_stride + j0 : nullptr;
+  T *k_row = tbuf, *b_row = tbuf + d;
+  const T hi = store_group(a, ig, mean, rstd,
+                           a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr,
+                           a.beta ? a.beta + i * a.beta_row_stride + j0 : nullptr, d, k_row, b_row);
   for (int64_t j = 0; j < d; ++j) {
-    const double scale = rstd * (gamma ? static_cast<double>(gamma[j]) : 1.0);
-    const T k = static_cast<T>(scale);
-    const T b = static_cast<T>((beta ? static_cast<double>(beta[j]) : 0.0) - lo * scale);
+    const T k = k_row[j], b = b_row[j];
     const T* __restrict__ row = x_g + j * length;
     T* __restrict__ out = a.y + ig * size + j * length;
 #pragma omp simd
@@ -203,7 +212,8 @@ void forward_channels_last(const ForwardArgs<T>& a) {
 template <typename T>
 void forward_contiguous(const ForwardArgs<T>& a) {
   at::parallel_for(0, a.n * a.groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t ig = begin; ig < end; ++ig) forward_contiguous_group(a, ig);
+    std::vector<T> tbuf(2 * (a.c / a.groups));
+    for (int64_t ig = begin; ig < end; ++ig) forward_contiguous_group(a, ig, tbuf.data());
   });
 }
 
