@@ -1,6 +1,8 @@
 """``torch.library.opcheck`` (schema, autograd registration, fake tensor, AOT dispatch)
 on sample inputs of both persample ops."""
 
+import unittest
+
 import torch
 from torch.testing._internal.common_utils import TestCase, run_tests
 from torch.testing._internal.optests import OpCheckError
@@ -23,6 +25,13 @@ class TestGroupNormOpcheck(TestCase):
     def test_opcheck_requires_grad_cpu(self):
         opcheck_samples(self, group_norm_op, sample_inputs, "cpu", requires_grad=True)
 
+    # opcheck compares CPU strides from torch 2.13 on (pytorch/pytorch#183002, seen on
+    # 2.13.0 and 2.14.1); torch 2.11.0 compares them on CUDA only (2.12 is untested), so
+    # there the fakes' CPU strides rest on tests/test_properties.py's check_fakes.
+    @unittest.skipIf(
+        torch.torch_version.TorchVersion(torch.__version__) < (2, 13),
+        "opcheck compares CPU tensors' strides from torch 2.13 on (pytorch/pytorch#183002)",
+    )
     def test_opcheck_catches_wrong_fake_strides(self):
         # The package kernel behind a fake that forgets channels_last: opcheck on a
         # channels_last sample must fail, or the positive tests above prove nothing.
