@@ -1,8 +1,8 @@
 """CUDA kernels of both ops: fused Triton kernels, or ATen's CUDA GroupNorm.
 
 fp32, bf16 and fp16 inputs run the Triton kernels of ops/triton_kernels.py (launched by
-ops/triton_launch.py): one program per (sample, group) tile, which reads x once in the
-forward and x and dy once in the backward, in the input's own layout (channels_last
+ops/triton_launch.py), which read x once in the forward and x and dy once in the
+backward where a group block fits on chip, in the input's own layout (channels_last
 included, with no copy) and dtype, with fp32 statistics and no cancellation when
 |mean| >> std.
 
@@ -11,13 +11,17 @@ They are launched from these plain CUDA kernels rather than through
 Triton launch even for CPU tensors, which breaks CPU compile wherever triton is
 installed (BRIEF), while the op stays opaque to compile and export either way.
 
-fp64, and every call when triton is not installed (or ``PERSAMPLE_DISABLE_TRITON=1``),
-run ATen's fused CUDA GroupNorm kernels on the per-sample view (ops/aten_kernels.py).
-ATen's CUDA GroupNorm has no channels_last kernel, so that path makes the input
-contiguous; half/bfloat16 inputs run in fp32 there, because ATen's CUDA kernels read
-params and statistics in the input dtype, while this package keeps fp32 statistics.
-Either way the output and grad_input are contiguous, as ``nn.GroupNorm`` gives them on
-CUDA (``layout.output_memory_format``).
+fp64, samples of 2**31 elements or more (the kernels' offsets are int32), and every
+call when triton is not installed (or ``PERSAMPLE_DISABLE_TRITON=1``) run ATen's fused
+CUDA GroupNorm kernels on the per-sample view (ops/aten_kernels.py). ATen's CUDA
+GroupNorm has no channels_last kernel, so that path computes on a contiguous copy;
+half/bfloat16 inputs run in fp32 there, because ATen's CUDA kernels read params and
+statistics in the input dtype, while this package keeps fp32 statistics.
+
+Either way the output and grad_input take the input's memory format
+(``layout.output_memory_format``), as on CPU. Stock CUDA GroupNorm returns contiguous
+output for channels_last input (pytorch/pytorch#111824), which makes a channels_last
+network convert its activations at every GroupNorm and back at the next conv.
 """
 
 import contextlib
@@ -29,7 +33,7 @@ import torch
 
 from . import aten_kernels as k
 from .checks import acc_dtype, check_group_norm, grad_param_dtype
-from .layout import output_memory_format
+from .layout import in_format, output_memory_format
 from .library import lib
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -63,11 +67,12 @@ def _triton_for(input):
     if input.dtype not in TRITON_DTYPES:
         return None
     if input.is_cuda:
-        return triton_launch()
+        launch = triton_launch()
+        return launch if launch is not None and launch.fits(input) else None
     if _launch is None and os.environ.get("TRITON_INTERPRET") != "1":
         return None  # no interpreter: not worth importing triton to learn that
     launch = triton_launch()
-    return launch if launch is not None and launch.INTERPRETED else None
+    return launch if launch is not None and launch.INTERPRETED and launch.fits(input) else None
 
 
 def _on_device(t):
@@ -84,7 +89,7 @@ def _up(t):
 def aten_forward(input, num_groups, weight, bias, eps):
     """The forward on ATen's kernels (fp64, or no triton), for a validated call."""
     out, mean, rstd = k.forward(_up(input).contiguous(), num_groups, _up(weight), _up(bias), eps)
-    return out.to(input.dtype), mean, rstd
+    return in_format(out.to(input.dtype), output_memory_format(input)), mean, rstd
 
 
 def aten_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
@@ -93,6 +98,8 @@ def aten_backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
         _up(grad_out), _up(input).contiguous(), mean, rstd, _up(weight), num_groups, output_mask
     )
     dtype = grad_param_dtype(input, weight)
+    if gi is not None:
+        gi = in_format(gi.to(input.dtype), output_memory_format(input))
     return tuple(None if g is None else g.to(t) for g, t in ((gi, input.dtype), (gw, dtype), (gb, dtype)))
 
 

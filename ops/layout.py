@@ -62,14 +62,18 @@ def dense(t, fmt=None):
 
 
 def output_memory_format(input):
-    """Memory format of the output and of grad_input: the one ``nn.GroupNorm`` gives.
+    """Memory format of the output and of grad_input, on every device: the one
+    ``nn.GroupNorm`` gives on CPU, ``suggest_memory_format(input)``, by which stock
+    GroupNorm copies its input, even for an input dense in another format (strides of
+    size-1 dims can make one so). Only the strides of dimensions of size > 1 are
+    significant.
 
-    On CPU that is ``suggest_memory_format(input)``, by which stock GroupNorm copies
-    its input, even for an input dense in another format (strides of size-1 dims can
-    make one so); on CUDA it is contiguous. Only the strides of dimensions of size > 1
-    are significant.
+    Stock CUDA GroupNorm returns contiguous output for channels_last input
+    (pytorch/pytorch#111824); this package keeps the input's format there too, so that
+    a channels_last network does not convert its activations at every GroupNorm (and
+    back at the next conv). Upstream moves the same way (pytorch/pytorch#191945).
     """
-    if input.device.type != "cpu" or input.dim() < 4:
+    if input.dim() < 4:
         return CONTIGUOUS
     return suggest_memory_format(input)
 

@@ -158,6 +158,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--kernels", action="store_true",
                         help="the kernel-bound CUDA suite instead (persample.bench_kernels)")
+    parser.add_argument("--check", action="store_true",
+                        help="with --kernels: a float64 correctness sweep first (persample.gpu_check)")
+    parser.add_argument("--tune", action="store_true",
+                        help="with --kernels: time the kernels' geometry knobs first, and use the best")
     parser.add_argument("--methods", help="comma-separated subset of: " + ",".join(M.METHODS))
     parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
     parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")

@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# On a GPU machine with torch preinstalled (e.g. the lent torch 2.11 machines): build the
-# C++ library if it can, run the CUDA tests, the C++ path's tests and the Triton kernels'
-# tests on the GPU, then the kernel-bound benchmark (Triton against ATen, ExpandedWeights
-# and a copy, plus the routing crossover), the host-bound one and WRN-16-4's whole
-# DP-SGD step. Budget: under 5 minutes on an H200 (each stage prints its time);
-# everything goes to stdout.
-# Needs only torch and pytest there (triton comes with torch's CUDA wheels): the package
-# is laid out on PYTHONPATH, not installed.
-# With $OUT set (the device tool): $OUT/tests.xml (pytest's JUnit report),
-# $OUT/bench-kernels.json, $OUT/bench-cuda.json and $OUT/bench-model.json.
+# The GPU check, in stages that each fit one short command on a lent GPU machine (torch
+# preinstalled there: the lent H200 runs torch 2.11 and triton 3.6), most important
+# figures first. Needs only torch, triton and pytest there: the package is laid out on
+# PYTHONPATH, not installed.
+#
+#   scripts/gpu_check.sh 1 OUTDIR   (~4 min) a float64 correctness sweep of the Triton
+#       kernels on the GPU, a sweep of their geometry knobs, then the kernel-bound suite
+#       under the best: kernel-only times and bandwidth, end-to-end steps against
+#       nn.GroupNorm and ExpandedWeights. Writes OUTDIR/bench-kernels.json.
+#   scripts/gpu_check.sh 2 OUTDIR   (~4 min) builds the C++ library if it can, runs the
+#       CUDA, Triton and transform tests on the GPU (OUTDIR/tests.xml), then the
+#       host-bound suite (OUTDIR/bench-cuda.json).
+#
+# Each stage prints its time; everything else goes to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+stage_arg="${1:?usage: scripts/gpu_check.sh 1|2 OUTDIR}"
+out="${2:?usage: scripts/gpu_check.sh 1|2 OUTDIR}"
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 site="$(mktemp -d)"
 mkdir -p "$site/persample"
@@ -18,16 +25,6 @@ cp persample/*.py "$site/persample/"
 cp -r ops "$site/persample/ops"
 cp -r meta "$site/persample/meta"
 stage() { echo "=== $1 (at ${SECONDS}s)"; }
-# The C++ eager path, built against this machine's torch where a compiler is there
-# (optional: without it the package runs its Python kernels). test_eager_fast_path.py
-# runs it on CUDA tensors too.
-stage "C++ library"
-if python3 setup.py -q build_ext --inplace >"$site/build.log" 2>&1 \
-        && cp persample/_C_torch*.so "$site/persample/"; then
-    echo "C++ library built"
-else
-    echo "C++ library not built (tail of $site/build.log:)"; tail -n 5 "$site/build.log"
-fi
 # The checkout comes after the laid-out package (for torch_compile_tests.models), and
 # python3 -P keeps the working directory, whose persample/ lacks ops/, off sys.path.
 export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -39,24 +36,27 @@ print("torch", torch.__version__, "| cuda", torch.version.cuda, "| triton", trit
       "|", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device")
 PY
 status=0
-stage "tests"
-python3 -P -m pytest -q -p no:cacheprovider -rs ${OUT:+--junitxml="$OUT/tests.xml"} \
-    tests/test_cuda.py tests/test_eager_fast_path.py tests/test_triton.py || status=$?
-if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-    stage "kernel-bound benchmark"
-    python3 -P -m persample.bench --device cuda --kernels --rounds 20 \
-        ${OUT:+--json "$OUT/bench-kernels.json"} || status=$?
-    stage "host-bound benchmark"
+if [[ "$stage_arg" == 1 ]]; then
+    stage "kernel-bound suite (check, tune, measure)"
+    python3 -P -m persample.bench --device cuda --kernels --check --tune --rounds 10 \
+        --json "$out/bench-kernels.json" || status=$?
+else
+    # The C++ eager path, built against this machine's torch where a compiler is there
+    # (optional: without it the package runs its Python kernels).
+    stage "C++ library"
+    if python3 setup.py -q build_ext --inplace >"$site/build.log" 2>&1 \
+            && cp persample/_C_torch*.so "$site/persample/"; then
+        echo "C++ library built"
+    else
+        echo "C++ library not built (tail of $site/build.log:)"; tail -n 5 "$site/build.log"
+    fi
+    stage "tests"
+    python3 -P -m pytest -q -p no:cacheprovider -rs -x --junitxml="$out/tests.xml" \
+        tests/test_triton.py tests/test_cuda.py tests/test_eager_fast_path.py || status=$?
+    stage "host-bound suite"
     python3 -P -m persample.bench --device cuda --rounds 30 \
         --methods plain,persample,persample_grad_sample,expanded_weights \
-        ${OUT:+--json "$OUT/bench-cuda.json"} || status=$?
-    # One whole DP-SGD step of WRN-16-4 per method (batch 64; Opacus's rows are skipped
-    # where it is not installed). Last, and bounded: inductor compiles two graphs first.
-    stage "model benchmark"
-    timeout 150 python3 -P -m persample.bench --model wrn16-4 --device cuda --rounds 10 \
-        ${OUT:+--json "$OUT/bench-model.json"} || status=$?
-else
-    echo "no CUDA device: benchmarks skipped"
+        --json "$out/bench-cuda.json" || status=$?
 fi
 stage "done"
 exit "$status"

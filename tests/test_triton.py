@@ -34,10 +34,18 @@ from samples import CL, CL3, reference  # noqa: E402
 from testcase import TestCase  # noqa: E402
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
-FUSED = {"forward_fused", "backward_fused"}
+TILE = {"forward_tile", "backward_tile"}
 SPLIT = {"forward_partial", "forward_merge", "forward_normalize",
          "backward_partial", "backward_merge", "backward_grad_input"}
 ALL_MASKS = [list(m) for m in itertools.product((True, False), repeat=3)]
+
+# Knobs of ops/triton_launch.py that force each kind of plan at these tiny shapes.
+KINDS = {
+    "single": {},  # the defaults: every tiny block is held in registers
+    "swept": dict(REGISTER_ELEMENTS=1, CHUNK_ELEMENTS=8, PROGRAMS_PER_SM=0),
+    "split": dict(REGISTER_ELEMENTS=1, CHUNK_ELEMENTS=8, PROGRAMS_PER_SM=1 << 20),
+    "channel_blocks": dict(REGISTER_ELEMENTS=1, CHUNK_ELEMENTS=1, RUN_BYTES=1, PROGRAMS_PER_SM=0),
+}
 
 # (input shape, num_groups, memory format, weight kind, bias kind); kinds are None,
 # "shared" [C], "per_sample" [N, C], "expanded" ([C].expand(N, C), stride 0) and
@@ -52,6 +60,7 @@ CASES = (
     ((2, 1, 3, 3), 1, CL, "per_sample", "per_sample"),  # C = 1, also contiguous
     ((3, 6, 1, 1), 2, CL, "shared", "shared"),  # H = W = 1, also contiguous
     ((2, 4, 1, 1, 1), 4, CL3, None, "per_sample"),  # G = C, one position
+    ((2, 16, 3, 3), 8, CL, "per_sample", "shared"),  # several groups to a program
 )
 TOL = {F32: dict(atol=1e-4, rtol=1e-4), F64: dict(atol=1e-7, rtol=1e-7)}
 
@@ -99,19 +108,24 @@ class _Spy:
 
 
 @contextlib.contextmanager
-def launches(on_chip=None, merge_block=None):
-    """Logs the Triton launches; ``on_chip`` lowers the tile limit (forcing the split
-    kernels), ``merge_block`` the merge kernels' block (forcing their loops)."""
+def launches(kind="single", merge_block=None):
+    """Logs the Triton launches under the knobs that force plans of ``kind``;
+    ``merge_block`` lowers the merge kernels' block (forcing their loops)."""
     log = []
     with contextlib.ExitStack() as stack:
-        for name in FUSED | SPLIT:
+        for name in TILE | SPLIT:
             spy = _Spy(name, getattr(triton_kernels, name), log)
             stack.enter_context(mock.patch.object(triton_kernels, name, spy))
-        if on_chip is not None:
-            stack.enter_context(mock.patch.object(triton_launch, "ON_CHIP_ELEMENTS", on_chip))
+        for knob, value in KINDS[kind].items():
+            stack.enter_context(mock.patch.object(triton_launch, knob, value))
         if merge_block is not None:
             stack.enter_context(mock.patch.object(triton_launch, "_MERGE_BLOCK", merge_block))
         yield log
+
+
+def plan_of(x, groups):
+    dense, fmt = triton_launch.dense(x)
+    return triton_launch.plan_for(dense, fmt, groups)
 
 
 def stats_reference(x, groups, eps):
@@ -137,17 +151,17 @@ class TritonTestCase(TestCase):
         big = [i for i, s in enumerate(x.shape) if s > 1]
         self.assertEqual([t.stride(i) for i in big], [expected[i] for i in big])
 
-    def check_f32(self, case, on_chip=None, masks=([True, True, True],), dtype=F32):
+    def check_f32(self, case, kind="single", masks=([True, True, True],), dtype=F32):
         x, groups, w, b = make_case(case, dtype)
-        grad_out = torch.randn_like(x, memory_format=torch.contiguous_format)
+        grad_out = torch.randn_like(x)
         if case[0][0] % 2:  # what y.sum().backward() hands in: stride 0
             grad_out = torch.randn((), dtype=dtype, device=DEVICE).expand_as(x)
-        with launches(on_chip, merge_block=2 if on_chip else None) as log:
+        with launches(kind, merge_block=2 if kind == "split" else None) as log:
             ref, (out, mean, rstd), grads = self.run_both(x, groups, w, b, grad_out, masks)
-            d, length = x.shape[1] // groups, x[0, 0].numel()
-            fused = triton_launch.Plan(d, length).fused
-        self.assertEqual(fused, on_chip is None or d * length == 1)
-        self.assertEqual({name for name, _ in log}, FUSED if fused else SPLIT)
+            plan = plan_of(x, groups)
+        self.assertEqual({name for name, _ in log}, SPLIT if plan.splits > 1 else TILE)
+        if kind == "single":
+            self.assertTrue(plan.single)
         tol = TOL[dtype]
         self.assertEqual(cpu(out), ref[0], exact_dtype=False, **tol)
         self.check_layout(out, x)
@@ -168,46 +182,60 @@ class TritonTestCase(TestCase):
 
 
 class TestKernels(TritonTestCase):
-    def test_fused(self):
-        for i, case in enumerate(CASES):
-            with self.subTest(case=i):
-                self.check_f32(case)
+    def test_every_kind_of_plan(self):
+        for kind in KINDS:
+            for i, case in enumerate(CASES):
+                with self.subTest(kind=kind, case=i):
+                    self.check_f32(case, kind)
 
-    def test_split(self):
-        # Tiles of 2 to 8 elements: splits over positions, and over channels where D
-        # exceeds the tile.
-        for i, case in enumerate(CASES):
-            shape, groups = case[:2]
-            with self.subTest(case=i):
-                group = math.prod(shape[1:]) // groups
-                self.check_f32(case, on_chip=2 if group <= 4 else 4 if group <= 16 else 8)
+    def test_forced_plans_are_what_they_say(self):
+        """The knobs that the tests use reach the plans they are named for."""
+        x, groups = make_case(((2, 6, 3, 5), 3, CL, None, None))[:2]
+        for kind in KINDS:
+            with self.subTest(kind=kind), launches(kind):
+                plan = plan_of(x, groups)
+                self.assertEqual(plan.single, kind == "single")
+                self.assertEqual(plan.splits > 1, kind == "split")
+                self.assertEqual(plan.c_blocks > 1, kind == "channel_blocks")
 
     def test_every_output_mask(self):
         case = ((2, 4, 3, 3), 2, CL, "per_sample", "shared")
-        for on_chip in (None, 8):
-            with self.subTest(on_chip=on_chip):
-                self.check_f32(case, on_chip, masks=ALL_MASKS)
+        for kind in ("single", "split"):
+            with self.subTest(kind=kind):
+                self.check_f32(case, kind, masks=ALL_MASKS)
 
     def test_channels_last_read_in_place(self):
-        """No copy of a channels_last x, nor of a grad_out in another layout."""
+        """A channels_last x and a grad_out in its layout are read where they lie; the
+        output and grad_input take the input's layout on every device."""
         for case in (((2, 4, 3, 3), 2, CL, "shared", None), ((2, 4, 2, 2, 3), 2, CL3, None, None)):
-            for on_chip, (fwd, bwd) in ((None, ("forward_fused", "backward_fused")),
-                                        (8, ("forward_partial", "backward_partial"))):
-                with self.subTest(fmt=case[2], on_chip=on_chip):
+            for kind, (fwd, bwd) in (("single", ("forward_tile", "backward_tile")),
+                                     ("split", ("forward_partial", "backward_partial"))):
+                with self.subTest(fmt=case[2], kind=kind):
                     x, groups, w, b = make_case(case)
-                    dy = torch.randn_like(x, memory_format=torch.contiguous_format)
-                    with launches(on_chip) as log:
-                        self.run_both(x, groups, w, b, dy)
+                    dy = torch.randn_like(x)
+                    with launches(kind) as log:
+                        _, (out, _, _), ((gi, _, _),) = self.run_both(x, groups, w, b, dy)
                     args = {name: a for name, a in log}
                     self.assertEqual(args[fwd][0].data_ptr(), x.data_ptr())
                     self.assertEqual(args[bwd][0].data_ptr(), dy.data_ptr())
                     self.assertEqual(args[bwd][1].data_ptr(), x.data_ptr())
+                    for t in (out, gi):
+                        self.assertTrue(t.is_contiguous(memory_format=case[2]))
+
+    def test_grad_out_in_another_layout(self):
+        """A contiguous grad_out for a channels_last input (what stock CUDA GroupNorm's
+        contiguous output hands back) is copied into the input's layout: right values."""
+        case = ((2, 4, 3, 3), 2, CL, "per_sample", "shared")
+        x, groups, w, b = make_case(case)
+        dy = torch.randn_like(x, memory_format=torch.contiguous_format)
+        ref, _, ((gi, gw, gb),) = self.run_both(x, groups, w, b, dy)
+        self.assertEqual((cpu(gi), cpu(gw), cpu(gb)), ref[1:], exact_dtype=False, **TOL[F32])
 
     def test_large_mean_has_no_cancellation(self):
         """At mean/std = 1e3 (1e4) in fp32 the per-sample dgamma is within 5e-5 (5e-4) of
         float64 on the same fp32-rounded inputs, relative to its largest entry: the CPU
         C++ path's level, which the saved mean's rounding bounds. The saved mean is the
-        exact mean correctly rounded to fp32 (the refinement step in the kernels)."""
+        exact mean correctly rounded to fp32 (the refinement step, or the shifted sums)."""
         for offset, bound in ((1e3, 5e-5), (1e4, 5e-4)):
             torch.manual_seed(1)
             x = (torch.randn(2, 8, 16, 16, device=DEVICE) + offset).to(memory_format=CL)
@@ -215,18 +243,20 @@ class TestKernels(TritonTestCase):
             dy = torch.randn_like(x)
             ref = reference(x, 2, w, None, 1e-5, dy)[2]
             exact_mean = stats_reference(x, 2, 1e-5)[0]
-            for on_chip in (None, 64):
-                with self.subTest(offset=offset, on_chip=on_chip), launches(on_chip):
+            for kind in ("single", "swept", "split"):
+                with self.subTest(offset=offset, kind=kind), launches(kind):
                     _, mean, rstd = cuda.group_norm_cuda(x, 2, w, None, 1e-5)
                     spacing = torch.finfo(F32).eps * 2.0 ** torch.floor(torch.log2(exact_mean))
                     self.assertLessEqual(((cpu(mean) - exact_mean).abs() / spacing).max().item(), 0.5 + 1e-3)
                     gw = cuda.group_norm_backward_cuda(dy, x, mean, rstd, w, 2, [False, True, False])[1]
                     self.assertLessEqual(relative_error(gw, ref), bound)
             if offset == 1e3:
-                # The bound discriminates: ATen's sum(dy * x) - mean * sum(dy) misses it.
-                _, mean, rstd = cuda.aten_forward(x, 2, w, None, 1e-5)
-                gw = cuda.aten_backward(dy, x, mean, rstd, w, 2, [False, True, False])[1]
-                self.assertGreater(relative_error(gw, ref), bound)
+                # The bound discriminates: the textbook sum(dy * x) - mean * sum(dy) (ATen's
+                # formula), in fp32 from the same exact mean, misses it on any device.
+                mean32 = exact_mean.float().to(DEVICE).repeat_interleave(4, 1)[..., None, None]
+                rstd32 = stats_reference(x, 2, 1e-5)[1].float().to(DEVICE).repeat_interleave(4, 1)
+                naive = ((dy * x).sum((2, 3)) - mean32[..., 0, 0] * dy.sum((2, 3))) * rstd32
+                self.assertGreater(relative_error(naive, ref), bound)
 
 
 def relative_error(got, expected):
@@ -289,17 +319,17 @@ class TestReducedPrecision(TritonTestCase):
         for dtype, param_dtype, (i, case) in itertools.product(
             (BF16, F16), (None, F32), enumerate(self.CASES)
         ):
-            on_chip = 8 if i == 1 else None  # the split kernels too
+            kind = "split" if i == 1 else "single"  # the split kernels too
             with self.subTest(dtype=dtype, param_dtype=param_dtype, case=i):
                 if rounding is None and dtype == BF16:
                     self.skipTest("this triton's interpreter cannot be made to round bf16")
                 with rounding or contextlib.nullcontext():
-                    self.check_reduced(case, dtype, param_dtype, on_chip)
+                    self.check_reduced(case, dtype, param_dtype, kind)
 
-    def check_reduced(self, case, dtype, param_dtype, on_chip):
+    def check_reduced(self, case, dtype, param_dtype, kind):
         x, groups, w, b = make_case(case, dtype, param_dtype)
         grad_out = torch.randn_like(x)
-        with launches(on_chip) as log:
+        with launches(kind) as log:
             ref, (out, mean, rstd), ((gi, gw, gb),) = self.run_both(x, groups, w, b, grad_out)
         self.assertTrue(log)
         self.assertEqual((out.dtype, mean.dtype, rstd.dtype, gi.dtype), (dtype, F32, F32, dtype))
@@ -329,7 +359,16 @@ class TestRouting(TestCase):
         x, groups, w, b = make_case(CASES[0])
         with launches() as log:
             cuda.group_norm_cuda(x, groups, w, b)
-        self.assertEqual([name for name, _ in log], ["forward_fused"])
+        self.assertEqual([name for name, _ in log], ["forward_tile"])
+
+    def test_samples_beyond_int32_offsets_take_aten(self):
+        """The kernels' in-sample offsets are int32: a sample of 2**31 elements or more
+        goes to ATen's kernels (an expanded tensor: no memory)."""
+        small = make_input((2, 4, 3), None)
+        huge = torch.zeros((), device=DEVICE).expand(2, 2, 2**30)
+        self.assertIs(cuda._triton_for(small), triton_launch)
+        self.assertIsNone(cuda._triton_for(huge))
+        self.assertTrue(triton_launch.fits(torch.zeros((), device=DEVICE).expand(2, 2**31 - 1)))
 
     def test_disabled_or_missing_triton_falls_back_to_aten(self):
         x = make_input((2, 4, 3), None)
@@ -359,20 +398,53 @@ class TestRouting(TestCase):
 
 
 class TestPlan(unittest.TestCase):
-    def test_tiles_cover_the_group_within_the_limit(self):
-        for limit in (4, 16, 100, 16384):
-            for d, length in itertools.product((1, 3, 8, 33), (1, 7, 64, 1000)):
-                with self.subTest(limit=limit, d=d, length=length), \
-                        mock.patch.object(triton_launch, "ON_CHIP_ELEMENTS", limit):
-                    plan = triton_launch.Plan(d, length)
-                    self.assertLessEqual(plan.block_d * plan.block_l, limit)
-                    self.assertEqual(plan.fused, plan.chunks == 1)
-                    if triton.next_power_of_2(d) * triton.next_power_of_2(length) <= limit:
-                        self.assertTrue(plan.fused)
-                    self.assertGreaterEqual(plan.sd * plan.block_d, d)
-                    self.assertGreaterEqual(plan.sl * plan.block_l, length)
-                    self.assertLess((plan.sl - 1) * plan.block_l, length)
-                    self.assertLess((plan.sd - 1) * plan.block_d, d)
+    KNOBS = (
+        {},
+        dict(REGISTER_ELEMENTS=16, CHUNK_ELEMENTS=16),
+        dict(REGISTER_ELEMENTS=1, CHUNK_ELEMENTS=4, RUN_BYTES=1),
+        dict(REGISTER_ELEMENTS=16384, CHUNK_ELEMENTS=8192, BYTES_PER_THREAD=128),
+    )
+
+    def test_plans_cover_every_group_within_their_limits(self):
+        sizes = itertools.product((1, 3, 8, 64), (1, 3, 8, 33, 4096), (1, 7, 64, 1000), (False, True), (2, 4))
+        for knobs, (n, d, length, cl, itemsize) in itertools.product(self.KNOBS, sizes):
+            for groups in (1, 2, 6, 32):
+                with self.subTest(knobs=knobs, n=n, d=d, length=length, groups=groups, cl=cl), \
+                        mock.patch.multiple(triton_launch, **knobs) if knobs else contextlib.nullcontext():
+                    self.check(triton_launch.Plan(n, d * groups, length, groups, cl, itemsize), groups)
+
+    def check(self, plan, groups):
+        d, length = plan.d, plan.length
+        chunk, register = triton_launch.CHUNK_ELEMENTS, triton_launch.REGISTER_ELEMENTS
+        tile = plan.block_c * plan.block_l
+        self.assertLessEqual(tile, max(register, 1) if plan.single else max(chunk, plan.block_c))
+        self.assertEqual(groups % plan.gb, 0)
+        if plan.gb > 1:
+            self.assertEqual(plan.block_d, d)  # whole groups to a chunk
+        self.assertGreaterEqual(plan.c_blocks * plan.block_d, d)
+        self.assertLess((plan.c_blocks - 1) * plan.block_d, d)
+        if plan.single:
+            self.assertEqual((plan.c_blocks, plan.splits), (1, 1))
+            self.assertGreaterEqual(plan.block_l, length)
+        self.assertEqual(plan.l_per % plan.block_l if plan.splits > 1 else 0, 0)
+        self.assertGreaterEqual(plan.splits * plan.l_per, length)
+        self.assertLess((plan.splits - 1) * plan.l_per, length)
+        self.assertIn(plan.num_warps, (1, 2, 4, 8, 16))
+
+    def test_plans_split_only_grids_too_small_for_the_gpu(self):
+        big = triton_launch.Plan(256, 256, 4096, 32, False, 4)  # 8192 programs
+        small = triton_launch.Plan(2, 64, 16384, 32, False, 4)  # 64 programs, long groups
+        self.assertEqual(big.splits, 1)
+        self.assertGreater(small.splits, 1)
+        self.assertGreaterEqual(small.programs * small.splits, triton_launch.PROGRAMS_PER_SM * 132)
+        self.assertGreaterEqual(small.block_c * small.block_l, triton_launch.MIN_SPLIT_CHUNK)
+
+    def test_channels_last_programs_read_wide_runs(self):
+        """Several groups to a channels_last program, until its run per position is
+        RUN_BYTES wide (or G allows no more)."""
+        plan = triton_launch.Plan(64, 128, 1024, 32, True, 2)  # D = 4, bf16: 8 B a group
+        self.assertGreaterEqual(plan.block_c * 2, triton_launch.RUN_BYTES)
+        self.assertEqual(triton_launch.Plan(64, 96, 1024, 3, True, 2).gb, 1)  # D = 32, G odd
 
 
 if __name__ == "__main__":

@@ -92,11 +92,12 @@ at::MemoryFormat dense_format(const Tensor& t) {
 }
 
 // ops/layout.output_memory_format: the layout nn.GroupNorm gives its output and
-// grad_input, which for an input dense in channels_last only by the strides of size-1
-// dims can differ from the one it is computed in (a copy then).
+// grad_input on CPU, on every device (on CUDA, where ATen computes on a contiguous copy,
+// a copy back to channels_last), and which for an input dense in channels_last only by
+// the strides of size-1 dims can differ from the one it is computed in (a copy then).
 Tensor in_output_format(const Tensor& t, const Tensor& input) {
-  const auto fmt = input.is_cpu() && input.dim() >= 4 ? input.suggest_memory_format()
-                                                     : at::MemoryFormat::Contiguous;
+  const auto fmt = input.dim() >= 4 ? input.suggest_memory_format()
+                                    : at::MemoryFormat::Contiguous;
   return t.is_contiguous(fmt) ? t : t.contiguous(fmt);
 }
 
