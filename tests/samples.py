@@ -32,7 +32,9 @@ CASES = (
     ((2, 6, 2, 3, 2), 3, CL3, None, "per_sample", 1e-5),
 )
 
-# Tolerances against the float64 reference, by the dtype of the compared tensor.
+# Tolerances between two persample computations in the same dtype (the fast path and the
+# public op, a decomposition and the op); against the float64 reference, tests use the
+# error model of tests/error_model.py.
 TOL = {
     torch.float64: dict(atol=1e-7, rtol=1e-7),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -135,6 +137,34 @@ def reference(x, num_groups, weight, bias, eps, grad_out):
         grads.append(torch.autograd.grad(yi, (xi, wi, bi), gi))
     gx, gw, gb = zip(*grads)
     return torch.cat(outs), torch.cat(gx), torch.stack(gw), torch.stack(gb)
+
+
+def stock_loop(x, num_groups, weight, bias, eps, grad_out):
+    """Stock ``torch.group_norm`` in the call's own dtypes, one example at a time with its
+    own parameter rows: ``(out, grad_input, grad_weight rows, grad_bias rows)``, the
+    scale of the error model's tolerances (tests/error_model.py). The output comes from
+    the call's own parameters (an absent one takes another code path); the gradients
+    from ones and zeros for absent ones, as the ops define them."""
+    c = x.shape[1]
+    p = weight if weight is not None else bias
+    dtype = x.dtype if p is None else p.dtype
+    outs = []
+    for i in range(x.shape[0]):
+        # Canonical strides, as in reference().
+        xi = x[i : i + 1].detach().clone(memory_format=torch.contiguous_format).requires_grad_()
+        own = [None if p is None else p[i] if p.dim() == 2 else p for p in (weight, bias)]
+        wi, bi = (
+            (torch.full((c,), fill, dtype=dtype, device=x.device) if p is None else p).detach().clone().requires_grad_()
+            for p, fill in zip(own, (1.0, 0.0))
+        )
+        yi = torch.group_norm(xi, num_groups, wi, bi, eps)
+        gi = grad_out[i : i + 1].detach().clone(memory_format=torch.contiguous_format)
+        grads = torch.autograd.grad(yi, (xi, wi, bi), gi)
+        if any(p is None for p in own):
+            yi = torch.group_norm(xi, num_groups, *own, eps)
+        outs.append((yi.detach(), *grads))
+    y, gx, gw, gb = zip(*outs)
+    return torch.cat(y), torch.cat(gx), torch.stack(gw), torch.stack(gb)
 
 
 def expected_param_grad(p, per_sample_grad):

@@ -5,35 +5,13 @@ import torch.nn.functional as F
 from torch.testing._internal.common_utils import TestCase, run_tests
 
 import persample
-from samples import (
-    CL,
-    CL3,
-    TOL,
-    expected_param_grad,
-    group_norm_op,
-    make_input,
-    make_param,
-    reference,
-)
+from error_model import check_close, check_group_norm, check_statistics
+from samples import CL, CL3, group_norm_op, make_input, make_param, reference, stock_loop
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
 
 # (input dtype, parameter dtype)
 DTYPES = ((F32, F32), (F64, F64), (BF16, BF16), (BF16, F32), (F16, F16), (F16, F32))
-
-
-def stock_per_example(x, groups, w, b, eps=1e-5):
-    """Stock ``F.group_norm`` in ``x``'s own dtype, one sample at a time for [N, C] params."""
-    if all(p is None or p.dim() == 1 for p in (w, b)):
-        return F.group_norm(x, groups, w, b, eps)
-    outs = [
-        F.group_norm(x[i : i + 1], groups, _row(w, i), _row(b, i), eps) for i in range(x.shape[0])
-    ]
-    return torch.cat(outs)
-
-
-def _row(p, i):
-    return p if p is None or p.dim() == 1 else p[i]
 
 
 def acc(dtype):
@@ -52,11 +30,11 @@ class TestDtypes(TestCase):
                         y, mean, rstd = group_norm_op(x, 3, w, b)
                         self.assertEqual(y.dtype, dtype)
                         self.assertEqual((mean.dtype, rstd.dtype), (acc(dtype), acc(dtype)))
-                        self.assertEqual(y, stock_per_example(x, 3, w, b), **TOL[dtype])
-                        v = x.to(F64).reshape(3, 3, -1)
-                        self.assertEqual(mean, v.mean(-1), exact_dtype=False, **TOL[acc(dtype)])
-                        ref_rstd = (v.var(-1, unbiased=False) + 1e-5).rsqrt()
-                        self.assertEqual(rstd, ref_rstd, exact_dtype=False, **TOL[acc(dtype)])
+                        # Error model: twice stock's error in the same dtypes (tests/error_model.py).
+                        zeros = torch.zeros_like(x)
+                        check_close(y, reference(x, 3, w, b, 1e-5, zeros)[0], stock_loop(x, 3, w, b, 1e-5, zeros)[0],
+                                    "output")
+                        check_statistics(x, 3, 1e-5, mean, rstd)
 
     def test_gradient_dtypes_and_values(self):
         for dtype, p_dtype in DTYPES:
@@ -73,10 +51,8 @@ class TestDtypes(TestCase):
         y = persample.group_norm(x, 3, w, b)
         gx, gw, gb = torch.autograd.grad(y, (x, w, b), grad_out)
         self.assertEqual((gx.dtype, gw.dtype, gb.dtype), (dtype, p_dtype, p_dtype))
-        _, ref_x, ref_w, ref_b = reference(x, 3, w, b, 1e-5, grad_out)
-        self.assertEqual(gx, ref_x, exact_dtype=False, **TOL[dtype])
-        self.assertEqual(gw, expected_param_grad(w, ref_w), exact_dtype=False, **TOL[p_dtype])
-        self.assertEqual(gb, expected_param_grad(b, ref_b), exact_dtype=False, **TOL[p_dtype])
+        args = (x, 3, w, b, 1e-5, grad_out)
+        check_group_norm(y, (gx, gw, gb), (w, b), reference(*args), stock_loop(*args))
 
     def test_reduced_input_without_params(self):
         for dtype in (F16, BF16):
@@ -85,9 +61,8 @@ class TestDtypes(TestCase):
                 grad_out = torch.randn_like(x)
                 y = persample.group_norm(x, 2)
                 (gx,) = torch.autograd.grad(y, x, grad_out)
-                _, ref_x, _, _ = reference(x, 2, None, None, 1e-5, grad_out)
-                self.assertEqual(y, F.group_norm(x, 2), **TOL[dtype])
-                self.assertEqual(gx, ref_x, exact_dtype=False, **TOL[dtype])
+                args = (x, 2, None, None, 1e-5, grad_out)
+                check_group_norm(y, (gx, None, None), (None, None), reference(*args), stock_loop(*args))
 
 
 class TestMemoryFormat(TestCase):

@@ -19,7 +19,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import persample
 from persample.ops import eager
-from samples import group_norm_backward_op, group_norm_op, reference
+import error_model
+from error_model import check_close, check_statistics
+from samples import group_norm_backward_op, group_norm_op, reference, stock_loop
 from strategies import F32, F64, arrange, calls, examples, layouts
 
 MASKS = [list(m) for m in itertools.product((False, True), repeat=3)]
@@ -51,25 +53,6 @@ def significant_strides(t):
     return [s for s, n in zip(t.stride(), t.shape) if n > 1]
 
 
-def check_close(got, want, stock, what, scale=0.0):
-    """``got`` against the float64 reference ``want``; outside float64 its error may be
-    at most twice ``stock``'s (stock ATen in the same dtype) plus 4 ulps of the result's
-    scale, or of ``scale``, the size of an intermediate that an fp32 computation must
-    round (see :func:`output_scale`)."""
-    got64 = got.detach().to(F64)
-    assert got64.shape == want.shape, what
-    if got.dtype == F64:
-        torch.testing.assert_close(got64, want, rtol=1e-7, atol=1e-9 * (1 + want.abs().max()), msg=what)
-        return
-    err = (got64 - want).abs().max().item()
-    stock_err = (stock.detach().to(F64) - want).abs().max().item()
-    floor = 4 * torch.finfo(got.dtype).eps * (1 + want.abs().max().item())
-    floor += 4 * torch.finfo(F32).eps * scale
-    assert err <= 2 * stock_err + floor, (
-        f"{what}: max error {err:.3g} against stock ATen's {stock_err:.3g} (floor {floor:.3g})"
-    )
-
-
 def output_scale(call, rstd):
     """For fp16/bf16 input: |x| * rstd * |weight|, the size of ``x * (rstd * weight)``.
     The op keeps fp32 statistics, so it runs ATen's mixed-dtype kernels (as stock does
@@ -83,40 +66,11 @@ def output_scale(call, rstd):
 
 
 def grad_input_scale(call, rstd):
-    """|grad_out| * rstd * |weight|, the size of grad_input's terms before they cancel
-    (for a group of one element they cancel exactly): 4 fp32 ulps of it bound any fp32
-    computation's rounding, stock's included, when rstd is huge (a group of one
-    element, or nearly constant)."""
-    w = 1.0 if call.weight is None else max(1.0, call.weight.abs().max().item())
-    return call.grad_out.abs().max().item() * rstd.abs().max().item() * w
-
-
-def param_dtype(call):
-    p = call.weight if call.weight is not None else call.bias
-    return call.x.dtype if p is None else p.dtype
+    return error_model.grad_input_scale(call.grad_out, rstd, call.weight)
 
 
 def stock_per_example(call):
-    """Stock ``torch.group_norm`` in the call's own dtypes, one example at a time with its
-    own parameter rows: ``(out, grad_input, grad_weight rows, grad_bias rows)``. The
-    output comes from the call's own parameters (an absent one takes another code
-    path); the gradients from ones and zeros for absent ones, as the ops define them."""
-    c, dtype = call.x.shape[1], param_dtype(call)
-    outs = []
-    for i in range(call.x.shape[0]):
-        xi = canonical(call.x[i : i + 1]).requires_grad_()
-        own = [None if p is None else p[i] if p.dim() == 2 else p for p in (call.weight, call.bias)]
-        wi, bi = (
-            (torch.full((c,), fill, dtype=dtype) if p is None else p).detach().clone().requires_grad_()
-            for p, fill in zip(own, (1.0, 0.0))
-        )
-        yi = torch.group_norm(xi, call.groups, wi, bi, call.eps)
-        grads = torch.autograd.grad(yi, (xi, wi, bi), canonical(call.grad_out[i : i + 1]))
-        if any(p is None for p in own):
-            yi = torch.group_norm(xi, call.groups, *own, call.eps)
-        outs.append((yi.detach(), *grads))
-    y, gx, gw, gb = zip(*outs)
-    return torch.cat(y), torch.cat(gx), torch.stack(gw), torch.stack(gb)
+    return stock_loop(call.x, call.groups, call.weight, call.bias, call.eps, call.grad_out)
 
 
 def stock_param_sums(call, stock_rows):
@@ -194,7 +148,7 @@ def test_ops_match_reference_and_fakes(path, call):
     ref = reference(x, call.groups, w, b, call.eps, go)
     stock = stock_per_example(call)
     check_close(fwd[0], ref[0], stock[0], "output", output_scale(call, fwd[2]))
-    check_statistics(call, fwd[1], fwd[2])
+    check_statistics(call.x, call.groups, call.eps, fwd[1], fwd[2])
     for mask, grads in zip(MASKS, bwd):
         for name, wanted, g, want, stock_g in zip(
             ("grad_input", "grad_weight", "grad_bias"), mask, grads, ref[1:], stock[1:]
@@ -205,20 +159,6 @@ def test_ops_match_reference_and_fakes(path, call):
             else:
                 assert g.shape == (0,), f"masked {name} with output_mask {mask}"
     check_fakes(call, fwd, bwd)
-
-
-def check_statistics(call, mean, rstd):
-    """Mean and rstd against float64 statistics of the same rounded input, bounded by
-    the statistics stock ``native_group_norm`` saves in the same dtype."""
-    n, c = call.x.shape[:2]
-    v = call.x.to(F64).reshape(n, call.groups, -1)
-    want_mean, want_rstd = v.mean(-1), (v.var(-1, unbiased=False) + call.eps).rsqrt()
-    x = canonical(call.x)
-    _, stock_mean, stock_rstd = torch.native_group_norm(
-        x, None, None, n, c, x.numel() // (n * c), call.groups, call.eps
-    )
-    check_close(mean, want_mean, stock_mean.view(n, -1), "mean")
-    check_close(rstd, want_rstd, stock_rstd.view(n, -1), "rstd")
 
 
 def check_fakes(call, fwd, bwd):

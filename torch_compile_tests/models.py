@@ -67,11 +67,11 @@ def per_sample_loss(weight, bias, x, target):
     return F.mse_loss(y, target[None], reduction="sum")
 
 
-def stock_loop(weight, bias, x, target):
-    """Per-example float64 gradients of :func:`per_sample_loss` over stock GroupNorm."""
+def stock_loop(weight, bias, x, target, dtype=torch.float64):
+    """Per-example gradients of :func:`per_sample_loss` over stock GroupNorm, in ``dtype``."""
     grads = []
-    for xi, ti in zip(x.double(), target.double()):
-        w, b = weight.double().requires_grad_(), bias.double().requires_grad_()
+    for xi, ti in zip(x.to(dtype), target.to(dtype)):
+        w, b = weight.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
         loss = F.mse_loss(F.group_norm(xi[None], 2, w, b), ti[None], reduction="sum")
         grads.append(torch.autograd.grad(loss, (w, b)))
     return tuple(torch.stack(g) for g in zip(*grads))
