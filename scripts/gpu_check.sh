@@ -8,9 +8,10 @@
 #       kernels on the GPU, a sweep of their geometry knobs, then the kernel-bound suite
 #       under the best: kernel-only times and bandwidth, end-to-end steps against
 #       nn.GroupNorm and ExpandedWeights. Writes OUTDIR/bench-kernels.json.
-#   scripts/gpu_check.sh 2 OUTDIR   (~4 min) builds the C++ library if it can, runs the
-#       CUDA, Triton and transform tests on the GPU (OUTDIR/tests.xml), then the
-#       host-bound suite (OUTDIR/bench-cuda.json).
+#   scripts/gpu_check.sh 2 OUTDIR   (~4 min) builds the C++ library if it can, times a
+#       step's host time layer by layer (persample.bench_host), runs the CUDA, Triton
+#       and transform tests on the GPU (OUTDIR/tests.xml), then the host-bound suite
+#       (OUTDIR/bench-cuda.json).
 #
 # Each stage prints its time; everything else goes to stdout.
 set -uo pipefail
@@ -50,8 +51,10 @@ else
     else
         echo "C++ library not built (tail of $site/build.log:)"; tail -n 5 "$site/build.log"
     fi
+    stage "host time of a step, layer by layer"
+    python3 -P -m persample.bench_host || status=$?
     stage "tests"
-    python3 -P -m pytest -q -p no:cacheprovider -rs -x --junitxml="$out/tests.xml" \
+    python3 -P -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" \
         tests/test_triton.py tests/test_cuda.py tests/test_eager_fast_path.py || status=$?
     stage "host-bound suite"
     python3 -P -m persample.bench --device cuda --rounds 30 \

@@ -19,6 +19,7 @@ from persample.ops import cuda, functional
 from persample.ops.checks import grad_param_dtype
 from persample.ops.cuda import group_norm_backward_cuda, group_norm_cuda
 from persample.ops.layout import output_memory_format
+from error_model import check_close, grad_input_scale
 from testcase import TestCase
 from samples import (
     CL,
@@ -34,6 +35,7 @@ from samples import (
     opcheck_samples,
     reference,
     sample_inputs,
+    stock_loop,
 )
 
 F32, F64, BF16, F16 = torch.float32, torch.float64, torch.bfloat16, torch.float16
@@ -123,31 +125,43 @@ class TestAtenPathOnCpuTensors(TestCase):
 @no_cuda
 class TestCudaDevice(TestCase):
     def test_autograd_matches_reference(self):
+        """Against float64, within twice stock CUDA GroupNorm's own error per example
+        (tests/error_model.py): ATen's CUDA backward (the C++ path's below the Triton
+        threshold) cancels in groups of two elements, as stock's does."""
         for i, (x, groups, w, b, eps) in enumerate(sample_inputs("cuda", requires_grad=True)):
             with self.subTest(sample=i):
+                rstd = group_norm_op(x.detach(), groups, None, None, eps)[2]
                 y = persample.group_norm(x, groups, w, b, eps)
                 grad_out = torch.randn_like(y)
                 leaves = [t for t in (x, w, b) if t is not None]
                 grads = dict(zip(map(id, leaves), torch.autograd.grad(y, leaves, grad_out)))
                 ref = reference(x, groups, w, b, eps, grad_out)
-                self.assertEqual(cpu(y), ref[0], exact_dtype=False, **TOL[F32])
-                self.assertEqual(cpu(grads[id(x)]), ref[1], exact_dtype=False, **TOL[F32])
-                for p, r in ((w, ref[2]), (b, ref[3])):
+                stock = stock_loop(x, groups, w, b, eps, grad_out)
+                check_close(y, ref[0], stock[0], "output")
+                check_close(grads[id(x)], ref[1], stock[1], "grad_input",
+                            scale=grad_input_scale(grad_out, rstd, w))
+                for name, p, r, st in (("weight", w, ref[2], stock[2]), ("bias", b, ref[3], stock[3])):
                     if p is not None:
-                        expected = expected_param_grad(p, r)
-                        self.assertEqual(cpu(grads[id(p)]), expected, exact_dtype=False, **TOL[F32])
+                        if p.dim() == 1:  # stock's rows summed exactly, then rounded
+                            r, st = r.sum(0), st.double().sum(0).to(st.dtype)
+                        check_close(grads[id(p)], r, st, f"grad_{name}")
 
     def test_backward_op_matches_reference(self):
         for i, (x, groups, w, b, eps) in enumerate(sample_inputs("cuda", requires_grad=False)):
             _, mean, rstd = group_norm_op(x, groups, None, None, eps)
             grad_out = torch.randn_like(x)
             ref = reference(x, groups, w, b, eps, grad_out)
+            stock = stock_loop(x, groups, w, b, eps, grad_out)
+            scales = (grad_input_scale(grad_out, rstd, w), 0.0, 0.0)
             for mask in MASKS:
                 with self.subTest(sample=i, mask=mask):
                     outs = group_norm_backward_op(grad_out, x, mean, rstd, w, groups, mask)
-                    for out, wanted, expected in zip(outs, mask, ref[1:]):
-                        expected = expected if wanted else expected.new_empty(0)
-                        self.assertEqual(cpu(out), expected, exact_dtype=False, **TOL[F32])
+                    for name, out, wanted, expected, st, scale in zip(
+                            ("grad_input", "grad_weight", "grad_bias"), outs, mask, ref[1:], stock[1:], scales):
+                        if wanted:
+                            check_close(out, expected, st, name, scale=scale)
+                        else:
+                            self.assertEqual(out.numel(), 0)
 
     def test_dtypes_match_stock_and_reference(self):
         dtypes = ((F32, F32), (F64, F64), (BF16, BF16), (BF16, F32), (F16, F16), (F16, F32))

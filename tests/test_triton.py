@@ -10,7 +10,6 @@ program, so the shapes are tiny.
 
 import contextlib
 import itertools
-import math
 import os
 import sys
 import unittest
