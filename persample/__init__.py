@@ -10,7 +10,7 @@ from . import meta  # noqa: F401  (registers their fake impls)
 from . import nn
 from . import export  # noqa: F401  (lowers the ops to ATen under ONNX export)
 from .grad_sample import call_for_per_sample_grads
-from .nn import convert_group_norm, revert_group_norm
+from .convert import convert_group_norm, revert_group_norm, unrouted_group_norms
 from .ops import group_norm
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "export",
     "convert_group_norm",
     "revert_group_norm",
+    "unrouted_group_norms",
     "call_for_per_sample_grads",
 ]
 __version__ = "0.1.0"

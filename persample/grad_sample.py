@@ -14,10 +14,11 @@ recompile that makes the batch dimension dynamic.
 """
 
 import torch
+import torch.utils._pytree as pytree
 
 from .nn import GroupNorm
 
-__all__ = ["call_for_per_sample_grads", "per_sample_layers"]
+__all__ = ["call_for_per_sample_grads", "per_sample_layers", "sampled_parameters"]
 
 
 def per_sample_layers(module):
@@ -75,27 +76,83 @@ def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", 
     """
     if loss_reduction not in ("sum", "mean"):
         raise ValueError(f'loss_reduction must be "sum" or "mean", got {loss_reduction!r}')
-    layers = per_sample_layers(module)
-    if not layers:
+    targets = sampled_parameters(module)
+    if not targets:
         raise ValueError(
             "call_for_per_sample_grads: the module has no affine persample.nn.GroupNorm "
-            "layer; convert nn.GroupNorm layers with persample.convert_group_norm first"
+            "layer nor routed group norm with parameters; convert the model with "
+            "persample.convert_group_norm first"
         )
+
+    routed = [m for m in module.modules() if getattr(m, "_persample_original", None) is not None]
 
     def wrapper(*args, **kwargs):
         n = batch_size if batch_size is not None else _batch_size(args, kwargs, batch_first)
         scale = n if loss_reduction == "mean" else 1
-        for layer in layers:
-            for name in ("weight", "bias"):
-                param = getattr(layer, name)
-                param.grad_sample = None
-                leaf = param.new_zeros((n, *param.shape), requires_grad=True)
-                leaf.register_hook(_hook(param, scale))
-                setattr(layer, f"_{name}_sample", leaf)
+        # Every routed module learns that a call is sampled (an empty dict if it has no
+        # parameter), so that it refuses a parameter it cannot sample (persample/convert.py).
+        attached = {layer: {} for layer in routed}
+        for layer, name in targets:
+            param = getattr(layer, name)
+            param.grad_sample = None
+            leaf = param.new_zeros((n, *param.shape), requires_grad=True)
+            leaf.register_hook(_hook(param, scale))
+            attached.setdefault(layer, {})[name] = leaf
+        for layer, samples in attached.items():
+            _attach(layer, samples)
         try:
-            return module(*args, **kwargs)
+            out = module(*args, **kwargs)
         finally:
-            for layer in layers:
-                layer._weight_sample = layer._bias_sample = None
+            for layer in attached:
+                _attach(layer, None, park=False)
+        _unpark_after_backward(out, list(attached))
+        return out
 
     return wrapper
+
+
+def sampled_parameters(module):
+    """``[(layer, name)]``: the parameters that :func:`call_for_per_sample_grads`
+    samples: the weight and bias of affine :class:`persample.nn.GroupNorm` layers, and
+    the trainable direct parameters of modules whose group norms are routed to
+    persample (``persample.convert``), e.g. a GroupNorm subclass's weight and bias."""
+    out = []
+    for layer in module.modules():
+        if isinstance(layer, GroupNorm):
+            if layer.affine:
+                out += [(layer, name) for name in ("weight", "bias") if getattr(layer, name) is not None]
+        elif getattr(layer, "_persample_original", None) is not None:
+            out += [(layer, k) for k, p in layer.named_parameters(recurse=False) if p.requires_grad]
+    return out
+
+
+def _attach(layer, samples, park=True):
+    """Give ``layer`` its leaves for this call (None: the call is over); with ``park``,
+    also keep them for a recomputation in the backward pass (persample/leaves.py)."""
+    if isinstance(layer, GroupNorm):
+        layer._weight_sample = samples and samples.get("weight")
+        layer._bias_sample = samples and samples.get("bias")
+        parked = samples and (layer._weight_sample, layer._bias_sample)
+    else:
+        layer._persample_leaves = parked = samples
+    if park:
+        layer.__dict__["_persample_parked"] = parked
+
+
+def _unpark_after_backward(out, layers):
+    """Drop the parked leaves once the backward pass through ``out`` has finished."""
+
+    def unpark():
+        for layer in layers:
+            layer.__dict__.pop("_persample_parked", None)
+
+    def on_backward(_):
+        # Runs when the backward pass reaches ``out``; the callback runs at its end,
+        # after every recomputation (the engine's own end-of-pass hook).
+        torch.autograd.Variable._execution_engine.queue_callback(unpark)
+
+    tensors = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    if not tensors:
+        unpark()
+    for t in tensors:
+        t.register_hook(on_backward)

@@ -2,6 +2,7 @@
 
 import torch
 
+from . import leaves
 from .ops import eager
 from .ops.functional import aten_group_norm, use_aten
 from .ops.library import group_norm_op
@@ -45,10 +46,13 @@ class GroupNorm(torch.nn.GroupNorm):
 
     def forward(self, input):
         weight, bias = self.weight, self.bias
-        if self._weight_sample is not None:
-            weight = weight + self._weight_sample
-        if self._bias_sample is not None:
-            bias = bias + self._bias_sample
+        samples = self._weight_sample, self._bias_sample
+        if samples[0] is None and samples[1] is None:  # checkpointing: see persample/leaves.py
+            samples = leaves.current(None, self) or samples
+        if samples[0] is not None:
+            weight = weight + samples[0]
+        if samples[1] is not None:
+            bias = bias + samples[1]
         stash = bool(self._forward_hooks) and self.training and not torch.compiler.is_compiling()
         fast = eager.fast_op(input, stats=stash)
         if fast is not None and not stash:
@@ -83,58 +87,18 @@ def pop_stats(layer, input):
 
 
 def convert_group_norm(module):
-    """Replace every ``nn.GroupNorm`` in ``module`` with :class:`persample.nn.GroupNorm`.
+    """Route every group norm of ``module`` through persample: stock ``nn.GroupNorm``
+    layers become :class:`GroupNorm`, subclasses and modules that call ``F.group_norm``
+    keep their forward, which then calls persample. See
+    :func:`persample.convert.convert_group_norm`."""
+    from . import convert
 
-    Like ``nn.SyncBatchNorm.convert_sync_batchnorm``: the replacements share the original
-    ``Parameter`` objects (so an optimizer built before the call keeps working), and the
-    converted module is returned (``module`` itself is converted in place unless it is
-    a GroupNorm).
-
-    Args:
-        module (nn.Module): a model, or a single ``nn.GroupNorm``.
-
-    Returns:
-        nn.Module: the converted module.
-    """
-    if type(module) is torch.nn.GroupNorm:
-        new = GroupNorm(
-            module.num_groups, module.num_channels, module.eps, affine=False
-        )
-        new.affine = module.affine
-        new.weight, new.bias = module.weight, module.bias
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        new_child = convert_group_norm(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return convert.convert_group_norm(module)
 
 
 def revert_group_norm(module):
-    """Replace every :class:`persample.nn.GroupNorm` in ``module`` with a stock
-    ``nn.GroupNorm``: the inverse of :func:`convert_group_norm`.
+    """The inverse of :func:`convert_group_norm`. See
+    :func:`persample.convert.revert_group_norm`."""
+    from . import convert
 
-    For a model that must not depend on persample, e.g. one trained with per-sample
-    gradients and then deployed. The replacements share the original ``Parameter``
-    objects (an optimizer built before the call keeps working) and keep ``eps``,
-    ``affine``, the training flag and the ``state_dict`` keys; the converted module is
-    returned (``module`` itself is converted in place unless it is a GroupNorm).
-
-    Args:
-        module (nn.Module): a model, or a single ``persample.nn.GroupNorm``.
-
-    Returns:
-        nn.Module: the converted module.
-    """
-    if type(module) is GroupNorm:
-        new = torch.nn.GroupNorm(module.num_groups, module.num_channels, module.eps, affine=False)
-        new.affine = module.affine
-        new.weight, new.bias = module.weight, module.bias
-        new.train(module.training)
-        return new
-    for name, child in module.named_children():
-        new_child = revert_group_norm(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return convert.revert_group_norm(module)
