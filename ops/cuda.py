@@ -76,8 +76,9 @@ def _triton_for(input):
 
 
 def _on_device(t):
-    """Triton launches on the current device; make it ``t``'s."""
-    if t.is_cuda and t.device.index != torch.cuda.current_device():
+    """Triton launches on the current device; make it ``t``'s (asked only where there
+    are several: ``current_device()`` costs a step's host time)."""
+    if t.is_cuda and torch.cuda.device_count() > 1 and t.device.index != torch.cuda.current_device():
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
 

@@ -258,6 +258,7 @@ def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
 
 
 def fits(input):
-    """Whether the kernels' int32 in-sample offsets can address ``input``."""
-    return input[0].numel() < MAX_SAMPLE_ELEMENTS if input.dim() else True
+    """Whether the kernels' int32 in-sample offsets can address ``input`` (arithmetic on
+    sizes: ``input[0]`` would cost a view, ~10 us of a step's host time)."""
+    return input.numel() < MAX_SAMPLE_ELEMENTS * max(1, input.shape[0] if input.dim() else 1)
 
