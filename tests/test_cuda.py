@@ -302,7 +302,7 @@ class TestTritonTransforms(TestCase):
     def test_eager_above_the_routing_threshold(self):
         from persample.ops import eager
 
-        split = ((2, 4, 96, 96), 1)  # a 4 x 9216 group: over ON_CHIP_ELEMENTS
+        split = ((2, 4, 96, 96), 1)  # a 4 x 9216 group: swept, or split over programs
         for shape, groups in (((4, 6, 5, 7), 3), split):
             for dtype, fmt in self.VARIANTS:
                 with self.subTest(shape=shape, dtype=dtype, fmt=fmt), \
@@ -358,6 +358,30 @@ class TestTritonTransforms(TestCase):
             runner = torch._inductor.aoti_load_package(package)
             with self.triton_runs("forward"):
                 self.check(runner(x), reference(x, 3, w, b, 1e-5, x)[0], F32)
+
+    def test_cuda_graphs_reduce_overhead(self):
+        """``torch.compile(mode="reduce-overhead")`` records the forward and backward,
+        the op's Triton launches included, in CUDA graphs and replays them: the same
+        results on every step, in both layouts."""
+        for fmt in (None, CL):
+            with self.subTest(fmt=fmt), self.triton_runs("forward", "backward"):
+                torch._dynamo.reset()
+                layer = persample.nn.GroupNorm(3, 6).to(self.device)
+                x, w, b, t = self.case(F32, fmt, per_sample_bias=False)
+                with torch.no_grad():
+                    layer.weight.copy_(w)
+                    layer.bias.copy_(b)
+                compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
+                ref = reference(x, 3, w, b, 1e-5, t)
+                for step in range(3):  # warm-up, recording, replay
+                    layer.zero_grad(set_to_none=True)
+                    xi = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+                    y = compiled(xi)
+                    y.backward(t)
+                    with self.subTest(step=step):
+                        self.check(y, ref[0], F32)
+                        self.check(xi.grad, ref[1], F32)
+                        self.check(layer.weight.grad, ref[2].sum(0), F32)
 
     def func_case(self, dtype, fmt):
         x, w, b, t = self.case(dtype, fmt, per_sample_bias=False)
