@@ -95,7 +95,9 @@ def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", 
         for layer, name in targets:
             param = getattr(layer, name)
             param.grad_sample = None
-            leaf = param.new_zeros((n, *param.shape), requires_grad=True)
+            # A plain tensor even for FSDP2's sharded DTensor parameter: the layer adds it
+            # to the unsharded (plain) parameter that fully_shard swaps in for the forward.
+            leaf = torch.zeros((n, *param.shape), dtype=param.dtype, device=param.device, requires_grad=True)
             leaf.register_hook(_hook(param, scale))
             attached.setdefault(layer, {})[name] = leaf
         for layer, samples in attached.items():

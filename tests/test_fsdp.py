@@ -1,0 +1,153 @@
+"""call_for_per_sample_grads under FSDP2 (fully_shard) and DDP, and Opacus's ghost
+clipping under its FSDP2 wrapper (grad_sample_mode="ghost_fsdp"), with 2 processes over
+gloo on CPU: each rank's per-sample results equal a single-process float64 loop over
+that rank's examples (tests/convert_models.py's Net: every kind of group norm).
+
+One spawn runs all three, since starting the processes is most of the cost.
+"""
+
+import importlib.util
+import os
+import sys
+import tempfile
+import unittest
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+WORLD, PER_RANK = 2, 3
+
+
+def _rank_batch(rank):
+    from convert_models import batch
+
+    x, y = batch(WORLD * PER_RANK)
+    mine = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return x[mine], y[mine]
+
+
+def _grad_samples(model, wrapped, x, y):
+    import persample
+    from convert_models import NORM_PARAMS
+
+    F.cross_entropy(persample.call_for_per_sample_grads(wrapped)(x), y, reduction="sum").backward()
+    params = dict(model.named_parameters())
+    return {k: params[k].grad_sample for k in NORM_PARAMS}
+
+
+def _fsdp(x, y):
+    from torch.distributed.fsdp import fully_shard
+
+    import persample
+    from convert_models import make_net
+
+    model = persample.convert_group_norm(make_net())
+    for m in model.modules():  # each group norm its own unit, as Opacus's wrapper does
+        if isinstance(m, persample.nn.GroupNorm) or hasattr(m, "_persample_original"):
+            fully_shard(m)
+    fully_shard(model)
+    return _grad_samples(model, model, x, y)
+
+
+def _ddp(x, y):
+    import persample
+    from convert_models import make_net
+
+    model = persample.convert_group_norm(make_net())
+    return _grad_samples(model, torch.nn.parallel.DistributedDataParallel(model), x, y)
+
+
+def _ghost_fsdp(x, y):
+    """Per-sample gradient norms of every parameter from Opacus's ghost clipping under
+    its FSDP2 wrapper, and which persample layers the wrapper sharded as their own unit."""
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping_fsdp import (
+        GradSampleModuleFastGradientClippingFSDP,
+    )
+    from opacus.utils.fsdp_utils import FSDP2Wrapper
+    from torch.distributed.fsdp import FSDPModule
+
+    import persample
+    import persample.opacus  # noqa: F401  (registers the sampler the wrapper looks up)
+    from convert_models import make_net
+
+    model = FSDP2Wrapper(persample.convert_group_norm(make_net()))
+    units = {k: isinstance(m, FSDPModule) for k, m in model.named_modules() if isinstance(m, persample.nn.GroupNorm)}
+    gsm = GradSampleModuleFastGradientClippingFSDP(model, loss_reduction="sum", max_grad_norm=1e9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    return {"norms": gsm.get_norm_sample().detach().clone(), "units": units}
+
+
+def _worker(rank, store, out):
+    sys.path.insert(0, os.path.dirname(__file__))
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on loopback
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, y = _rank_batch(rank)
+        results = {}
+        for name, run in (("fsdp", _fsdp), ("ddp", _ddp), ("ghost_fsdp", _ghost_fsdp)):
+            if name == "ghost_fsdp" and not importlib.util.find_spec("opacus"):
+                continue
+            try:
+                results[name] = run(x, y)
+            except Exception as e:  # reported by the parent, per case
+                results[name] = f"{type(e).__name__}: {e}"
+        torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "needs torch.distributed with gloo")
+class TestDistributed(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        with tempfile.TemporaryDirectory() as tmp:
+            mp.spawn(_worker, args=(os.path.join(tmp, "rendezvous"), tmp), nprocs=WORLD, join=True)
+            cls.results = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=False) for r in range(WORLD)]
+
+    def _results(self, name):
+        for rank, res in enumerate(self.results):
+            if name not in res:
+                self.skipTest("opacus is not installed")
+            if isinstance(res[name], str):
+                self.fail(f"{name} on rank {rank}: {res[name]}")
+            yield rank, res[name]
+
+    def _check_grad_samples(self, name):
+        from convert_models import float64_per_example_grads, func_per_example_grads, make_net
+        from error_model import assert_all_track_stock
+
+        for rank, got in self._results(name):
+            x, y = _rank_batch(rank)
+            stock = func_per_example_grads(make_net(), x, y)
+            ref = float64_per_example_grads(make_net(), x, y)
+            assert_all_track_stock(got, {k: stock[k] for k in got}, {k: ref[k] for k in got}, f"{name} rank {rank} ")
+
+    def test_fsdp2(self):
+        self._check_grad_samples("fsdp")
+
+    def test_ddp(self):
+        self._check_grad_samples("ddp")
+
+    def test_opacus_ghost_fsdp(self):
+        from convert_models import float64_per_example_grads, func_per_example_grads, make_net
+        from error_model import assert_tracks_stock
+
+        def norms(grads):
+            return torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
+
+        for rank, got in self._results("ghost_fsdp"):
+            self.assertTrue(got["units"] and all(got["units"].values()), got["units"])
+            x, y = _rank_batch(rank)
+            stock, ref = norms(func_per_example_grads(make_net(), x, y)), norms(float64_per_example_grads(make_net(), x, y))
+            assert_tracks_stock(got["norms"], stock, ref, f"ghost_fsdp per-sample norms, rank {rank}")
+
+
+if __name__ == "__main__":
+    unittest.main()
