@@ -8,6 +8,7 @@ One spawn runs all three, since starting the processes is most of the cost.
 
 import importlib.util
 import os
+import subprocess
 import sys
 import tempfile
 import unittest
@@ -147,6 +148,21 @@ class TestDistributed(unittest.TestCase):
             x, y = _rank_batch(rank)
             stock, ref = norms(func_per_example_grads(make_net(), x, y)), norms(float64_per_example_grads(make_net(), x, y))
             assert_tracks_stock(got["norms"], stock, ref, f"ghost_fsdp per-sample norms, rank {rank}")
+
+
+@unittest.skipUnless(dist.is_available() and dist.is_gloo_available(), "needs torch.distributed with gloo")
+class TestTorchrunExample(unittest.TestCase):
+    def test_dp_sgd_ddp(self):
+        """docs/examples/dp_sgd_ddp.py under torchrun: it asserts that the ranks stay in sync."""
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+        run = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             os.path.join(root, "docs", "examples", "dp_sgd_ddp.py")],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        self.assertEqual(run.returncode, 0, run.stderr[-3000:])
+        self.assertEqual(run.stdout.count("models in sync"), 2, run.stdout)
 
 
 if __name__ == "__main__":
