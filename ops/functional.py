@@ -23,7 +23,8 @@ def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
 
     Returns:
         Tensor[N, C, *]: the normalised input, in the input's dtype, and in the memory
-        format that ``F.group_norm`` gives on the same device.
+        format that ``F.group_norm`` gives on CPU (``suggest_memory_format``), on CUDA
+        too, where stock GroupNorm returns contiguous output.
 
     Example:
         >>> x = torch.randn(8, 6, 4, 4)
