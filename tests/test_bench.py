@@ -113,8 +113,8 @@ class TestKernelSuite(unittest.TestCase):
 
     def test_steps_run_and_persample_gives_per_sample_grads(self):
         case = bench_kernels.Case((3, 4, 5, 6, 2), torch.float32, True, device="cpu")
-        steps = case.steps()
-        self.assertEqual(set(steps), {"plain", "persample", "expanded_weights", "copy"})
+        steps = case.autograd_steps()
+        self.assertEqual(set(steps), {"plain", "persample", "expanded_weights"})
         for name, step in steps.items():
             with self.subTest(name):
                 step()
@@ -129,34 +129,71 @@ class TestKernelSuite(unittest.TestCase):
             steps["persample"]()
         self.assertEqual([g.grad.shape for g in grads], [(3, 4), (3, 4)])
 
+    @unittest.skipIf(importlib.util.find_spec("triton") is None, "triton is not installed")
+    @unittest.skipIf(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                     "no GPU and no triton interpreter")
+    def test_kernel_steps_run(self):
+        """The kernel-only steps (in triton's interpreter without a GPU)."""
+        case = bench_kernels.Case((3, 4, 5, 6, 2), torch.float32, True,
+                                  device="cuda" if torch.cuda.is_available() else "cpu")
+        steps = case.kernel_steps()
+        self.assertEqual(set(steps), {"persample", "aten", "copy"})
+        for name, step in steps.items():
+            with self.subTest(name):
+                step()
+
     @staticmethod
-    def row(channels_last, fused, plain, ew=None, bandwidth=0.8):
+    def row(channels_last, on_chip, plain, ew=None, bandwidth=0.8, aten=3.0):
         stat = lambda v: {"median": v, "min": v, "max": v}  # noqa: E731
-        row = {"channels_last": channels_last, "fused": fused, "plain_over_persample": stat(plain),
-               "bandwidth_fraction": stat(bandwidth)}
+        row = {"channels_last": channels_last, "on_chip": on_chip, "plain_over_persample": stat(plain),
+               "bandwidth_fraction": stat(bandwidth), "aten_over_persample_kernels": stat(aten)}
         if ew is not None:
             row["expanded_weights_over_persample"] = stat(ew)
         return row
 
     def test_summary_and_goals(self):
         rows = [self.row(False, True, 1.0, ew=2.0, bandwidth=0.9), self.row(False, False, 4.0, ew=8.0, bandwidth=0.1),
-                self.row(True, True, 2.0, bandwidth=0.6), self.row(True, True, 2.0, bandwidth=0.75)]
+                self.row(True, True, 2.0, bandwidth=0.6, aten=2.0), self.row(True, True, 2.0, bandwidth=0.75, aten=8.0)]
         means = bench_kernels.summary(rows)
         self.assertAlmostEqual(means["plain_contiguous"], 2.0)  # sqrt(1 * 4)
         self.assertAlmostEqual(means["plain_channels_last"], 2.0)
-        self.assertAlmostEqual(means["bandwidth_fused_min"], 0.6)  # the split case is left out
+        self.assertAlmostEqual(means["aten_kernels_channels_last"], 4.0)  # sqrt(2 * 8)
+        self.assertAlmostEqual(means["bandwidth_on_chip_min"], 0.6)  # the swept case is left out
         self.assertAlmostEqual(means["expanded_weights"], 4.0)
         self.assertEqual(means["expanded_weights_cases"], 2)
         met = {text: ok for text, (_, _, ok) in bench_kernels.goals(means).items()}
         self.assertEqual(list(met.values()), [True, True, False, True])
 
-    def test_crossover_is_where_triton_wins_from_then_on(self):
-        def rows(ratios):
-            return [{"numel": 10 ** i, "cpp_over_triton": {"median": r}} for i, r in enumerate(ratios)]
 
-        self.assertEqual(bench_kernels.crossover_point(rows([0.5, 1.2, 0.9, 1.1, 1.3])), 1000)
-        self.assertEqual(bench_kernels.crossover_point(rows([1.1, 1.2])), 1)
-        self.assertIsNone(bench_kernels.crossover_point(rows([0.5, 0.9])))
+class TestGpuCheck(unittest.TestCase):
+    """The GPU check's plan coverage, which a short lease cannot afford to find wrong."""
+
+    @unittest.skipIf(importlib.util.find_spec("triton") is None, "triton is not installed")
+    def test_forced_knobs_reach_every_kind_of_plan(self):
+        from unittest import mock
+
+        from persample import gpu_check
+        from persample.ops import triton_launch
+
+        kinds = set()
+        for kind, knobs in gpu_check.FORCED.items():
+            with mock.patch.multiple(triton_launch, **knobs) if knobs else contextlib.nullcontext():
+                for n, c, h, w, g in gpu_check.SHAPES:
+                    for cl in (False, True):
+                        plan = triton_launch.Plan(n, c, h * w, g, cl, 4)
+                        kinds.add((kind, "single" if plan.single else "split" if plan.splits > 1
+                                   else "channel_blocks" if plan.c_blocks > 1 else "swept"))
+        for kind in gpu_check.FORCED:
+            with self.subTest(kind=kind):
+                self.assertIn((kind, "single" if kind == "default" else kind), kinds)
+
+    def test_tune_jobs_cover_every_config_and_case(self):
+        from persample import bench_tune
+
+        jobs = bench_tune.jobs(bench_tune.CONFIGS, [(2, 4, 3, 3, 2)], (torch.float32, torch.bfloat16))
+        self.assertEqual(len(jobs), len(bench_tune.CONFIGS) * 4)
+        self.assertEqual({(j[2], j[3]) for j in jobs},
+                         {("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)})
 
 
 if __name__ == "__main__":
