@@ -4,7 +4,8 @@ reaches persample and none is left unrouted, outputs are unchanged, and the Grou
 per-sample gradients of call_for_per_sample_grads and torch.func equal a float64
 per-example loop through the stock model as closely as stock PyTorch's own
 (tests/error_model.py). Each library's tests skip, with the reason, when it is not
-installed (the 'zoo' extra). Compiled and exported: torch_compile_tests/test_model_zoo_compiled.py.
+installed (the 'zoo' extra). Compiled and exported: torch_compile_tests/test_model_zoo_compiled.py
+(diffusers' affine-free AdaGroupNorm block is exported here, and not compiled).
 """
 
 import copy
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 import persample
 from convert_models import count_persample_calls, float64_per_example_grads, func_per_example_grads
 from error_model import assert_all_track_stock, assert_tracks_stock
-from zoo_models import ZOO, group_norm_params, skip_reason
+from zoo_models import ZOO, diffusers_ada_group_block, group_norm_params, skip_reason
 
 
 class ZooChecks:
@@ -108,6 +109,36 @@ class TestTorchvisionResNet(ZooChecks, unittest.TestCase):
 
 class TestDiffusersUNet(ZooChecks, unittest.TestCase):
     zoo = "diffusers_unet"
+
+
+@unittest.skipIf(skip_reason("diffusers"), skip_reason("diffusers"))
+class TestDiffusersAdaGroupNorm(unittest.TestCase):
+    """A library's direct ``F.group_norm`` call in a module that is no GroupNorm:
+    diffusers' AdaGroupNorm, affine-free, so the per-sample gradients checked are those
+    of every parameter (torch.func, through persample's backward)."""
+
+    def setUp(self):
+        self.stock, self.x, self.y = diffusers_ada_group_block()
+        self.model = persample.convert_group_norm(copy.deepcopy(self.stock))
+
+    def test_every_group_norm_runs_through_persample(self):
+        self.assertEqual([k for k, _ in persample.convert.routed_modules(self.model)], ["block.norm1", "block.norm2"])
+        self.assertEqual(count_persample_calls(self.stock, self.x), {"persample": 0, "aten": 2})
+        self.assertEqual(count_persample_calls(self.model, self.x), {"persample": 2, "aten": 0})
+        self.assertEqual(persample.unrouted_group_norms(self.model, self.x), [])
+
+    def test_torch_func(self):
+        with torch.no_grad():
+            ref_out = copy.deepcopy(self.stock).double()(self.x.double())
+            assert_tracks_stock(self.model(self.x), self.stock(self.x), ref_out, "AdaGroupNorm block output")
+        got = func_per_example_grads(self.model, self.x, self.y)
+        stock = func_per_example_grads(self.stock, self.x, self.y)
+        assert_all_track_stock(got, stock, float64_per_example_grads(self.stock, self.x, self.y), "AdaGroupNorm vmap(grad) ")
+
+    def test_export(self):
+        ep = torch.export.export(self.model, (self.x,))
+        self.assertEqual(ep.graph_module.code.count("torch.ops.persample.group_norm.default"), 2)
+        self.assertNotIn("native_group_norm", ep.graph_module.code)
 
 
 class TestMonaiSegResNet(ZooChecks, unittest.TestCase):

@@ -12,6 +12,9 @@ own code and a small config: no weights are downloaded.
 - diffusers' ``UNet2DModel`` with attention blocks (DP diffusion models): stock
   ``nn.GroupNorm`` in the ResNet blocks and in ``Attention.group_norm``, which an
   attention processor calls, not the block's own forward;
+- diffusers' ``ResnetBlockCondNorm2D`` with ``time_embedding_norm="ada_group"`` (the
+  k-diffusion U-Net blocks): ``AdaGroupNorm`` calls ``F.group_norm`` without affine
+  parameters, then scales and shifts by a projected embedding (routed, not replaced);
 - MONAI's ``SegResNet`` with ``norm="group"`` (DP medical segmentation, federated
   learning): stock ``nn.GroupNorm`` on 3-D volumes.
 
@@ -112,6 +115,29 @@ def diffusers_unet():
                        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"))
     return _finish(Denoiser(unet), torch.randn(4, 3, 8, 8), _classes(4, (8, 8)))
+
+
+class Conditioned(nn.Module):
+    """A diffusers ``ResnetBlockCondNorm2D`` whose embedding is projected from the
+    input's channel means, so that the model takes one input, as the references need."""
+
+    def __init__(self, block, channels, temb_channels):
+        super().__init__()
+        self.embed = nn.Linear(channels, temb_channels)
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x, self.embed(x.mean((2, 3))))
+
+
+def diffusers_ada_group_block():
+    """One conditional ResNet block of 8 channels, 4 groups: two AdaGroupNorms."""
+    from diffusers.models.resnet import ResnetBlockCondNorm2D
+
+    torch.manual_seed(0)
+    block = ResnetBlockCondNorm2D(in_channels=8, out_channels=8, temb_channels=16, groups=4, groups_out=4,
+                                  time_embedding_norm="ada_group")
+    return Conditioned(block, 8, 16).train(), torch.randn(4, 8, 6, 6), _classes(4, (6, 6), classes=8)
 
 
 def monai_segresnet():
