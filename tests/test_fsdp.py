@@ -1,9 +1,10 @@
-"""call_for_per_sample_grads under FSDP2 (fully_shard) and DDP, and Opacus's ghost
-clipping under its FSDP2 wrapper (grad_sample_mode="ghost_fsdp"), with 2 processes over
-gloo on CPU: each rank's per-sample results equal a single-process float64 loop over
-that rank's examples (tests/convert_models.py's Net: every kind of group norm).
+"""call_for_per_sample_grads under FSDP2 (fully_shard) and DDP, Opacus's hooks mode
+(GradSampleModule) under torch DDP and Opacus's own DPDDP, and Opacus's ghost clipping
+under its FSDP2 wrapper (grad_sample_mode="ghost_fsdp"), with 2 processes over gloo on
+CPU: each rank's per-sample results equal a single-process float64 loop over that rank's
+examples (tests/convert_models.py's Net: every kind of group norm).
 
-One spawn runs all three, since starting the processes is most of the cost.
+One spawn runs them all, since starting the processes is most of the cost.
 """
 
 import importlib.util
@@ -83,6 +84,57 @@ def _ghost_fsdp(x, y):
     return {"norms": gsm.get_norm_sample().detach().clone(), "units": units}
 
 
+def _opacus_hooks(x, y, wrapper):
+    """Opacus's hooks mode (GradSampleModule) over a model wrapped in ``wrapper`` (torch
+    DDP or Opacus's DPDDP): the GroupNorm parameters' ``grad_sample``, and the layers on
+    which persample's registered sampler ran, against those that are persample's."""
+    from opacus import GradSampleModule
+
+    import persample
+    import persample.opacus  # noqa: F401  (registers the sampler)
+    from convert_models import NORM_PARAMS, make_net
+
+    model = persample.convert_group_norm(make_net())
+    names = {m: k for k, m in model.named_modules()}
+    ran = []
+    samplers = GradSampleModule.GRAD_SAMPLERS
+    registered = samplers.get(persample.nn.GroupNorm)
+    if registered is not None:  # a spy on the registered sampler, removed below
+
+        def spy(layer, activations, backprops):
+            ran.append(names[layer])
+            return registered(layer, activations, backprops)
+
+        samplers[persample.nn.GroupNorm] = spy
+    try:
+        gsm = GradSampleModule(wrapper(model), loss_reduction="sum")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            F.cross_entropy(gsm(x), y, reduction="sum").backward()
+    finally:
+        if registered is not None:
+            samplers[persample.nn.GroupNorm] = registered
+    params = dict(model.named_parameters())
+    return {
+        "grad_samples": {k: params[k].grad_sample for k in NORM_PARAMS},
+        "ran": sorted(ran),
+        "persample": sorted(k for m, k in names.items() if isinstance(m, persample.nn.GroupNorm)),
+    }
+
+
+def _hooks_ddp(x, y):
+    return _opacus_hooks(x, y, torch.nn.parallel.DistributedDataParallel)
+
+
+def _hooks_dpddp(x, y):
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+    return _opacus_hooks(x, y, DifferentiallyPrivateDistributedDataParallel)
+
+
+OPACUS_CASES = ("hooks_ddp", "hooks_dpddp", "ghost_fsdp")
+
+
 def _worker(rank, store, out):
     sys.path.insert(0, os.path.dirname(__file__))
     if sys.platform.startswith("linux"):
@@ -92,8 +144,10 @@ def _worker(rank, store, out):
         torch.set_num_threads(1)
         x, y = _rank_batch(rank)
         results = {}
-        for name, run in (("fsdp", _fsdp), ("ddp", _ddp), ("ghost_fsdp", _ghost_fsdp)):
-            if name == "ghost_fsdp" and not importlib.util.find_spec("opacus"):
+        cases = (("fsdp", _fsdp), ("ddp", _ddp), ("ghost_fsdp", _ghost_fsdp),
+                 ("hooks_ddp", _hooks_ddp), ("hooks_dpddp", _hooks_dpddp))
+        for name, run in cases:
+            if name in OPACUS_CASES and not importlib.util.find_spec("opacus"):
                 continue
             try:
                 results[name] = run(x, y)
@@ -120,11 +174,11 @@ class TestDistributed(unittest.TestCase):
                 self.fail(f"{name} on rank {rank}: {res[name]}")
             yield rank, res[name]
 
-    def _check_grad_samples(self, name):
+    def _check_grad_samples(self, name, results=None):
         from convert_models import float64_per_example_grads, func_per_example_grads, make_net
         from error_model import assert_all_track_stock
 
-        for rank, got in self._results(name):
+        for rank, got in results or self._results(name):
             x, y = _rank_batch(rank)
             stock = func_per_example_grads(make_net(), x, y)
             ref = float64_per_example_grads(make_net(), x, y)
@@ -135,6 +189,22 @@ class TestDistributed(unittest.TestCase):
 
     def test_ddp(self):
         self._check_grad_samples("ddp")
+
+    def _check_opacus_hooks(self, name):
+        """Every GroupNorm parameter's grad_sample (persample's layers by persample's
+        sampler, which must have run on each of them once; routed modules by Opacus's
+        torch.func fallback) against the float64 loop over the rank's examples."""
+        results = list(self._results(name))
+        for rank, got in results:
+            self.assertTrue(got["persample"], "no persample.nn.GroupNorm in the converted Net")
+            self.assertEqual(got["ran"], got["persample"], f"{name} rank {rank}: layers persample's sampler ran on")
+        self._check_grad_samples(name, [(rank, got["grad_samples"]) for rank, got in results])
+
+    def test_opacus_hooks_ddp(self):
+        self._check_opacus_hooks("hooks_ddp")
+
+    def test_opacus_hooks_dpddp(self):
+        self._check_opacus_hooks("hooks_dpddp")
 
     def test_opacus_ghost_fsdp(self):
         from convert_models import float64_per_example_grads, func_per_example_grads, make_net
