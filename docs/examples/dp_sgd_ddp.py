@@ -51,4 +51,8 @@ gathered = [torch.zeros_like(checksum) for _ in range(world)]
 dist.all_gather(gathered, checksum)
 assert all(torch.equal(c, gathered[0]) for c in gathered), "ranks diverged"
 print(f"rank {rank}: {int((factors < 1).sum())}/{PER_RANK} examples clipped, models in sync")
+# Tear down in order: the DDP reducer before its process group, and no rank leaving
+# while another still talks to it (gloo's threads otherwise abort the exit).
+del ddp
+dist.barrier()
 dist.destroy_process_group()
