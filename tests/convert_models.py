@@ -12,11 +12,12 @@ torch_compile_tests/test_convert_compiled.py).
 - a stock ``nn.GroupNorm``.
 """
 
-import copy
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tests.samples import per_example_model_grads as float64_per_example_grads  # noqa: F401  (the float64 truth)
 
 
 class GroupNormAct(nn.GroupNorm):
@@ -112,19 +113,6 @@ def func_per_example_grads(model, x, y):
         return F.cross_entropy(torch.func.functional_call(model, p, (xi[None],)), yi[None])
 
     return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, y)
-
-
-def float64_per_example_grads(model, x, y):
-    """The truth: each example's own cross-entropy gradient, a float64 loop over single
-    examples through a copy of ``model`` (unconverted: stock layers)."""
-    ref = copy.deepcopy(model).double()
-    out = {k: [] for k, _ in ref.named_parameters()}
-    for xi, yi in zip(x.double(), y):
-        ref.zero_grad()
-        F.cross_entropy(ref(xi[None]), yi[None]).backward()
-        for k, p in ref.named_parameters():
-            out[k].append(p.grad.clone())
-    return {k: torch.stack(v) for k, v in out.items()}
 
 
 def count_persample_calls(model, *args):
