@@ -83,14 +83,13 @@ class Plan:
 
     def __init__(self, n, c, length, groups, channels_last, itemsize, sms=NOMINAL_SMS):
         d = c // groups
-        self.d, self.length, self.groups = d, length, groups
+        self.d, self.length = d, length
         self.channels_last = channels_last
         d_pow2, full_l = triton.next_power_of_2(d), triton.next_power_of_2(length)
         chunk = 1 << max(0, int(CHUNK_ELEMENTS).bit_length() - 1)
         # Wide groups are cut into channel blocks; contiguous ones keep runs of at
         # least RUN_BYTES along positions, their unit-stride dim.
         run = 1 if channels_last else min(full_l, chunk, max(1, RUN_BYTES // itemsize))
-        self.run = run
         self.block_d = min(d_pow2, chunk // run)
         self.c_blocks = triton.cdiv(d, self.block_d)
         gb = 1

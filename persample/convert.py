@@ -181,11 +181,7 @@ def convert_group_norm(module):
         if type(module).__dict__.get("__slots__") is not None:
             raise TypeError(f"persample.convert_group_norm: cannot swap the class of a {type(module).__name__} (__slots__)")
         module.__class__ = routed_class(type(module))
-    for name, child in module.named_children():
-        new_child = convert_group_norm(child)
-        if new_child is not child:
-            setattr(module, name, new_child)
-    return module
+    return _map_children(module, convert_group_norm)
 
 
 def revert_group_norm(module):
@@ -214,8 +210,13 @@ def revert_group_norm(module):
             f"persample.revert_group_norm: {type(module).__name__} wraps a routed class "
             "(e.g. fully_shard's FSDP<Class>); revert before wrapping"
         )
+    return _map_children(module, revert_group_norm)
+
+
+def _map_children(module, fn):
+    """``module`` with each child replaced by ``fn(child)`` where that is another module."""
     for name, child in module.named_children():
-        new_child = revert_group_norm(child)
+        new_child = fn(child)
         if new_child is not child:
             setattr(module, name, new_child)
     return module

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import persample
 from convert_models import count_persample_calls, float64_per_example_grads, func_per_example_grads
 from error_model import assert_all_track_stock, assert_tracks_stock
-from zoo_models import ZOO, diffusers_ada_group_block, group_norm_params, skip_reason
+from zoo_models import ZOO, diffusers_ada_group_block, load_case, skip_reason
 
 
 class ZooChecks:
@@ -27,17 +27,7 @@ class ZooChecks:
 
     @classmethod
     def setUpClass(cls):
-        reason = skip_reason(ZOO[cls.zoo].library)
-        if reason:
-            raise unittest.SkipTest(reason)
-        cls.stock, cls.x, cls.y = ZOO[cls.zoo].build()
-        cls.norm_params = group_norm_params(cls.stock)
-        # The references, once per model: stock's own vmap(grad) in float32 (the error
-        # scale) and the float64 truth, restricted to the GroupNorm parameters.
-        stock = func_per_example_grads(cls.stock, cls.x, cls.y)
-        ref = float64_per_example_grads(cls.stock, cls.x, cls.y)
-        cls.stock_grads = {k: stock[k] for k in cls.norm_params}
-        cls.ref_grads = {k: ref[k] for k in cls.norm_params}
+        load_case(cls)
 
     def setUp(self):
         self.model = persample.convert_group_norm(copy.deepcopy(self.stock))

@@ -49,6 +49,27 @@ def skip_reason(library):
     return f"{library} is not installed (the 'zoo' extra: pip install -e '.[zoo]'; scripts/test.sh installs it on torch 2.14.1)"
 
 
+def load_case(cls):
+    """Sets ``cls.stock, cls.x, cls.y`` (the architecture named by ``cls.zoo``, built
+    tiny), ``cls.norm_params`` and, once per model, the references restricted to them:
+    ``cls.stock_grads`` (stock's own vmap(grad) in float32, the error scale) and
+    ``cls.ref_grads`` (the float64 truth). Skips, with the reason, where the library is
+    missing."""
+    import unittest
+
+    from tests.convert_models import float64_per_example_grads, func_per_example_grads
+
+    reason = skip_reason(ZOO[cls.zoo].library)
+    if reason:
+        raise unittest.SkipTest(reason)
+    cls.stock, cls.x, cls.y = ZOO[cls.zoo].build()
+    cls.norm_params = group_norm_params(cls.stock)
+    stock = func_per_example_grads(cls.stock, cls.x, cls.y)
+    ref = float64_per_example_grads(cls.stock, cls.x, cls.y)
+    cls.stock_grads = {k: stock[k] for k in cls.norm_params}
+    cls.ref_grads = {k: ref[k] for k in cls.norm_params}
+
+
 def group_norm_params(model):
     """The names of the affine parameters of ``model``'s ``nn.GroupNorm`` modules
     (subclasses included): those that per-sample GroupNorm gradients cover."""

@@ -15,9 +15,8 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import persample
-from tests.convert_models import float64_per_example_grads, func_per_example_grads
 from tests.error_model import assert_all_track_stock, assert_tracks_stock
-from tests.zoo_models import ZOO, group_norm_params, skip_reason
+from tests.zoo_models import load_case
 
 FORWARD_OP = "torch.ops.persample.group_norm.default"
 
@@ -35,16 +34,8 @@ class ZooCompiledChecks:
 
     @classmethod
     def setUpClass(cls):
-        reason = skip_reason(ZOO[cls.zoo].library)
-        if reason:
-            raise unittest.SkipTest(reason)
-        cls.stock, cls.x, cls.y = ZOO[cls.zoo].build()
-        cls.norm_params = group_norm_params(cls.stock)
+        load_case(cls)
         cls.norms = sum(isinstance(m, torch.nn.GroupNorm) for m in cls.stock.modules())  # each runs once
-        stock = func_per_example_grads(cls.stock, cls.x, cls.y)
-        ref = float64_per_example_grads(cls.stock, cls.x, cls.y)
-        cls.stock_grads = {k: stock[k] for k in cls.norm_params}
-        cls.ref_grads = {k: ref[k] for k in cls.norm_params}
 
     def setUp(self):
         torch._dynamo.reset()
