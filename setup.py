@@ -35,8 +35,10 @@ def extension_setup():
         "ext_modules": [
             # OpenMP: at::parallel_for is inline and runs serially without it; the
             # library then links the libgomp.so.1 that torch has already loaded.
-            CppExtension(f"persample.{tag}", ["ops/csrc/eager_group_norm.cpp"],
-                         depends=["ops/csrc/cpu_kernels.h"],
+            CppExtension(f"persample.{tag}",
+                         ["ops/csrc/eager_group_norm.cpp", "ops/csrc/row_norm.cpp"],
+                         depends=["ops/csrc/cpu_kernels.h", "ops/csrc/moments.h",
+                                  "ops/csrc/row_norm_kernels.h"],
                          extra_compile_args=["-O3", "-fopenmp"],
                          extra_link_args=["-fopenmp"], optional=True)
         ],

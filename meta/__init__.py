@@ -1,3 +1,3 @@
 """Fake implementations, registered on import."""
 
-from . import group_norm  # noqa: F401
+from . import group_norm, row_norm  # noqa: F401

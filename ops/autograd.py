@@ -1,4 +1,6 @@
-"""Autograd for ``persample::group_norm``: the backward is ``persample::group_norm_backward``.
+"""Autograd of the norm ops (group_norm, layer_norm, rms_norm; ops/family.py): each
+forward's backward is its backward op, e.g. ``persample::group_norm_backward``; one
+machinery serves all three.
 
 Why not ``torch.library.register_autograd``: it wraps the formula in an
 ``autograd.Function`` whose ``apply`` refuses to run under torch.func transforms
@@ -30,34 +32,28 @@ from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
 from . import composite
-from .cpu import backward_cpu, group_norm_cpu
-from .cuda import backward_cuda, group_norm_cuda
-from .library import group_norm_backward_op, group_norm_op, lib
+from .family import NORMS
+from .library import lib
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 _KEY = torch._C.DispatchKey
-# (forward kernel, backward kernel's unchecked body)
-_BACKEND_KERNELS = {
-    _KEY.CPU: (group_norm_cpu, backward_cpu),
-    _KEY.CUDA: (group_norm_cuda, backward_cuda),
-}
 
 
-def _backend_kernels(keyset):
-    """The (forward, backward) kernels that redispatching ``keyset`` below autograd
-    would reach, when nothing (a mode, a subclass, functionalization, a transform) sits
-    in between; else None.
+def _backend_kernels(norm, keyset):
+    """The (forward, backward body) kernels of ``norm`` that redispatching ``keyset``
+    below autograd would reach, when nothing (a mode, a subclass, functionalization, a
+    transform) sits in between; else None.
 
     Calling them directly is that same dispatch without two Python-to-C++ round trips,
     which cost ~20 us each on a cold cache at large shapes (measured).
     """
-    raw = keyset.raw_repr()
+    raw = (norm.name, keyset.raw_repr())
     try:
         return _KERNELS_BY_KEYSET[raw]
     except KeyError:
         # Both are fallthroughs for these ops (BackendSelect only serves factory functions).
         below = (keyset & _BELOW_AUTOGRAD).remove(_KEY.ADInplaceOrView).remove(_KEY.BackendSelect)
-        kernels = _KERNELS_BY_KEYSET[raw] = _BACKEND_KERNELS.get(below.highestPriorityTypeId())
+        kernels = _KERNELS_BY_KEYSET[raw] = norm.kernels.get(below.highestPriorityTypeId())
         return kernels
 
 
@@ -66,19 +62,19 @@ _KERNELS_BY_KEYSET = {}
 _KERNELS_BY_TLS_AND_KEYS = {}
 
 
-def _plain_backend(grad_out, input, weight):
+def _plain_backend(norm, grad_out, input, weight):
     """The backend kernels for a backward call on these tensors, as the dispatcher would
     pick them (thread-local modes included), or None."""
     tls = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
     keys = [torch._C._dispatch_keys(t) for t in (grad_out, input, weight) if t is not None]
-    raw = tuple(k.raw_repr() for k in (*tls, *keys))
+    raw = (norm.name, *(k.raw_repr() for k in (*tls, *keys)))
     try:
         return _KERNELS_BY_TLS_AND_KEYS[raw]
     except KeyError:
         keyset = tls[0]
         for k in keys:
             keyset = keyset | k
-        kernels = _KERNELS_BY_TLS_AND_KEYS[raw] = _backend_kernels(keyset - tls[1])
+        kernels = _KERNELS_BY_TLS_AND_KEYS[raw] = _backend_kernels(norm, keyset - tls[1])
         return kernels
 
 
@@ -107,72 +103,72 @@ def _apply(function, *args):
     return function.apply(*args)
 
 
-class GroupNormAutograd(_SingleLevelFunction):
+def _to_param(g, summed, dtype):
+    """A per-sample ``[N, *shape]`` gradient as the parameter's: a shared parameter's
+    is the batch sum, as the stock layers give it; then the parameter's dtype (the
+    backward ops' per-sample grads are fp32 for fp16/bf16 input: sum, then round)."""
+    if g is None:
+        return None
+    if summed:
+        g = g.sum(0)
+    return g if g.dtype == dtype else g.to(dtype)
+
+
+class NormAutograd(_SingleLevelFunction):
     @staticmethod
-    def forward(ctx, keyset, input, num_groups, weight, bias, eps):
-        kernels = _backend_kernels(keyset)
+    def forward(ctx, norm, keyset, input, config, weight, bias, eps):
+        args = norm.forward_args(input, config, weight, bias, eps)
+        kernels = _backend_kernels(norm, keyset)
         ctx.backend_kernels = kernels
         if kernels is not None:
-            out, mean, rstd = kernels[0](input, num_groups, weight, bias, eps)
+            outs = kernels[0](*args)
         else:
             with _outer_levels_differentiate():
-                out, mean, rstd = group_norm_op.redispatch(
-                    keyset, input, num_groups, weight, bias, eps
-                )
-        ctx.mark_non_differentiable(mean, rstd)
-        # mean and rstd get no gradient; not materialising zeros for them saves two
+                outs = norm.op.redispatch(keyset, *args)
+        stats = outs[1:]
+        ctx.mark_non_differentiable(*stats)
+        # The statistics get no gradient; not materialising zeros for them saves
         # allocations per backward.
         ctx.set_materialize_grads(False)
-        ctx.num_groups, ctx.eps = num_groups, eps
-        # A shared [C] parameter's gradient is the batch sum, as nn.GroupNorm gives it;
-        # an [N, C] one keeps the per-sample rows.
-        ctx.sum_weight = weight is not None and weight.dim() == 1
-        ctx.sum_bias = bias is not None and bias.dim() == 1
-        # The backward op's per-sample grads are fp32 for fp16/bf16 input: sum, then round.
+        ctx.norm, ctx.config, ctx.eps, ctx.n_stats = norm, config, eps, len(stats)
+        rank = norm.param_rank(config)
+        ctx.sum_weight = weight is not None and weight.dim() == rank
+        ctx.sum_bias = bias is not None and bias.dim() == rank
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(input, mean, rstd, weight)
+        ctx.save_for_backward(input, weight, *stats)
         ctx.save_for_forward(input, weight, bias)
-        return out, mean, rstd
+        return outs
 
     @staticmethod
-    def jvp(ctx, _keyset, input_t, _groups, weight_t, bias_t, _eps):
+    def jvp(ctx, _norm, _keyset, input_t, _config, weight_t, bias_t, _eps):
         input, weight, bias = ctx.saved_tensors
-        out_t = composite.forward_jvp(
-            input, weight, bias, ctx.num_groups, ctx.eps, (input_t, weight_t, bias_t)
-        )
-        return out_t, None, None
+        out_t = ctx.norm.jvp(input, ctx.config, weight, bias, ctx.eps, (input_t, weight_t, bias_t))
+        return (out_t, *(None,) * ctx.n_stats)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        if grad_out is None:  # only mean/rstd were used
-            return None, None, None, None, None, None
-        input, mean, rstd, weight = ctx.saved_tensors
-        _, need_input, _, need_weight, need_bias, _ = ctx.needs_input_grad
+    def backward(ctx, grad_out, *_grad_stats):
+        if grad_out is None:  # only the statistics were used
+            return (None,) * 7
+        norm = ctx.norm
+        input, weight, *stats = ctx.saved_tensors
+        _, _, need_input, _, need_weight, need_bias, _ = ctx.needs_input_grad
         mask = [need_input, need_weight, need_bias]
+        args = norm.backward_args(grad_out, input, ctx.config, stats, weight, mask)
         # Without create_graph the op's Autograd kernel would only redispatch: go straight
         # to the backend kernel when the dispatcher would pick it too. Autograd has
         # already matched grad_out to the output, so the op's validation is moot there.
         kernels = ctx.backend_kernels
         if (kernels is not None and not torch.is_grad_enabled()
-                and _plain_backend(grad_out, input, weight) is kernels):
-            gi, gw, gb = kernels[1](grad_out, input, mean, rstd, weight, ctx.num_groups, mask)
+                and _plain_backend(norm, grad_out, input, weight) is kernels):
+            grads = kernels[1](*args)
         else:
-            gi, gw, gb = group_norm_backward_op(
-                grad_out, input, mean, rstd, weight, ctx.num_groups, mask, ctx.eps
-            )
-            gi, gw, gb = (g if need else None for g, need in zip((gi, gw, gb), mask))
-        if gw is not None:
-            if ctx.sum_weight:
-                gw = gw.sum(0)
-            if gw.dtype != ctx.weight_dtype:
-                gw = gw.to(ctx.weight_dtype)
-        if gb is not None:
-            if ctx.sum_bias:
-                gb = gb.sum(0)
-            if gb.dtype != ctx.bias_dtype:
-                gb = gb.to(ctx.bias_dtype)
-        return None, gi, None, gw, gb, None
+            grads = norm.backward_op(*args, ctx.eps)
+            grads = tuple(g if need else None for g, need in zip(grads, mask))
+        gi, gw, gb = (*grads, None)[:3]
+        gw = _to_param(gw, ctx.sum_weight, ctx.weight_dtype)
+        gb = _to_param(gb, ctx.sum_bias, ctx.bias_dtype)
+        return None, None, gi, None, gw, gb, None
 
 
 def _has_tangent(*tensors):
@@ -182,8 +178,7 @@ def _has_tangent(*tensors):
     )
 
 
-def _group_norm_autograd(keyset, input, num_groups, weight=None, bias=None, eps=1e-5):
-    below = keyset & _BELOW_AUTOGRAD
+def _forward_autograd(norm, keyset, input, config, weight, bias, eps):
     if not (
         torch.is_grad_enabled()
         and (
@@ -192,47 +187,51 @@ def _group_norm_autograd(keyset, input, num_groups, weight=None, bias=None, eps=
             or (bias is not None and bias.requires_grad)
         )
     ) and not _has_tangent(input, weight, bias):
-        kernels = _backend_kernels(keyset)
+        args = norm.forward_args(input, config, weight, bias, eps)
+        kernels = _backend_kernels(norm, keyset)
         if kernels is not None:
-            return kernels[0](input, num_groups, weight, bias, eps)
-        return group_norm_op.redispatch(below, input, num_groups, weight, bias, eps)
-    return _apply(GroupNormAutograd, below, input, num_groups, weight, bias, eps)
+            return kernels[0](*args)
+        return norm.op.redispatch(keyset & _BELOW_AUTOGRAD, *args)
+    return _apply(FUNCTIONS[norm.name][0], norm, keyset & _BELOW_AUTOGRAD, input, config, weight, bias, eps)
 
 
-class GroupNormBackwardAutograd(_SingleLevelFunction):
-    """Autograd of the backward op, for double backward: the forward runs the kernel;
+class NormBackwardAutograd(_SingleLevelFunction):
+    """Autograd of a backward op, for double backward: the forward runs the kernel;
     only a second differentiation runs the closed-form derivative."""
 
     @staticmethod
-    def forward(ctx, keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps):
+    def forward(ctx, norm, keyset, *args):
         with _outer_levels_differentiate():
-            grads = group_norm_backward_op.redispatch(
-                keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps
-            )
+            grads = norm.backward_op.redispatch(keyset, *args)
+        grad_out, input, weight, config, mask, eps = norm.unpack_backward(args)
         ctx.set_materialize_grads(False)
-        ctx.num_groups, ctx.output_mask, ctx.eps = num_groups, list(output_mask), eps
+        ctx.norm, ctx.config, ctx.output_mask, ctx.eps = norm, config, list(mask), eps
+        ctx.nargs = len(args)
         ctx.save_for_backward(grad_out, input, weight)
         return grads
 
     @staticmethod
     def backward(ctx, *cotangents):
+        norm = ctx.norm
         grad_out, input, weight = ctx.saved_tensors
         kept = [t for t, keep in zip(cotangents, ctx.output_mask) if keep]
-        d_grad_out, d_input, d_weight = composite.vjp(
-            grad_out, input, weight, ctx.num_groups, ctx.eps, ctx.output_mask, kept
+        derivatives = composite.vjp_of(
+            lambda go, x, w: norm.explicit_backward(go, x, w, ctx.config, ctx.eps, ctx.output_mask),
+            grad_out, input, weight, norm.param_shape(input, ctx.config), kept,
         )
-        return None, d_grad_out, d_input, None, None, d_weight, None, None, None
+        out = [None] * (2 + ctx.nargs)
+        for position, d in zip(norm.backward_positions(), derivatives):
+            out[2 + position] = d
+        return tuple(out)
 
 
-def _group_norm_backward_autograd(
-    keyset, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
-):
+def _backward_autograd(norm, keyset, *args):
     below = keyset & _BELOW_AUTOGRAD
-    args = (grad_out, input, mean, rstd, weight, num_groups, output_mask, eps)
+    grad_out, input, weight, *_ = norm.unpack_backward(args)
     # Without this check forward-mode AD would pass through and silently drop tangents.
     torch._check(
         not _has_tangent(grad_out, input, weight),
-        lambda: "persample.group_norm_backward does not support forward-mode AD "
+        lambda: f"persample.{norm.name}_backward does not support forward-mode AD "
         "(jvp/jacfwd over a gradient); take second derivatives in reverse mode, "
         "e.g. torch.func.jacrev(torch.func.jacrev(f)) instead of torch.func.hessian(f)",
     )
@@ -241,9 +240,43 @@ def _group_norm_backward_autograd(
         or input.requires_grad
         or (weight is not None and weight.requires_grad)
     ):
-        return group_norm_backward_op.redispatch(below, *args)
-    return _apply(GroupNormBackwardAutograd, below, *args)
+        return norm.backward_op.redispatch(below, *args)
+    return _apply(FUNCTIONS[norm.name][1], norm, below, *args)
 
 
-lib.impl("group_norm", _group_norm_autograd, "Autograd", with_keyset=True)
-lib.impl("group_norm_backward", _group_norm_backward_autograd, "Autograd", with_keyset=True)
+def _autograd_kernels(norm):
+    """The Autograd kernels of ``norm``'s two ops, with the ops' own signatures (the
+    dispatcher drops trailing arguments that equal their defaults)."""
+    if norm.has_bias:
+
+        def forward(keyset, input, config, weight=None, bias=None, eps=1e-5):
+            return _forward_autograd(norm, keyset, input, config, weight, bias, eps)
+
+    else:
+
+        def forward(keyset, input, config, weight=None, eps=None):
+            return _forward_autograd(norm, keyset, input, config, weight, None, eps)
+
+    default_eps = 1e-5 if norm.has_bias else None
+
+    def backward(keyset, *args):
+        if len(args) < len(norm.backward_roles):
+            args = (*args, default_eps)
+        return _backward_autograd(norm, keyset, *args)
+
+    return forward, backward
+
+
+# One Function class per norm, so that autograd nodes read "GroupNormAutogradBackward".
+FUNCTIONS = {
+    norm.name: (
+        type(f"{norm.name.title().replace('_', '')}Autograd", (NormAutograd,), {}),
+        type(f"{norm.name.title().replace('_', '')}BackwardAutograd", (NormBackwardAutograd,), {}),
+    )
+    for norm in NORMS
+}
+
+for _norm in NORMS:
+    _forward, _backward = _autograd_kernels(_norm)
+    lib.impl(_norm.name, _forward, "Autograd", with_keyset=True)
+    lib.impl(f"{_norm.name}_backward", _backward, "Autograd", with_keyset=True)

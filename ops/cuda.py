@@ -38,41 +38,48 @@ from .library import lib
 
 TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_launch = None  # ops/triton_launch.py once imported; False when it cannot be
+_modules = {}  # name -> the imported launch module, or False when it cannot be
 
 
-def triton_launch():
-    """The Triton launch module (ops/triton_launch.py), imported on first use, or None
-    when triton is not installed or ``PERSAMPLE_DISABLE_TRITON=1``."""
-    global _launch
-    if _launch is None:
-        _launch = False
+def triton_module(name="triton_launch"):
+    """A Triton launch module of this package (``triton_launch`` for group_norm,
+    ``triton_row_norm`` for the row norms), imported on first use, or None when triton
+    is not installed or ``PERSAMPLE_DISABLE_TRITON=1``."""
+    module = _modules.get(name)
+    if module is None:
+        module = _modules[name] = False
         if os.environ.get("PERSAMPLE_DISABLE_TRITON") != "1":
             try:
-                launch = importlib.import_module(".triton_launch", __package__)
+                module = _modules[name] = importlib.import_module("." + name, __package__)
             except ImportError as e:
                 warnings.warn(
-                    f"persample: triton is not available ({e}); CUDA GroupNorm runs ATen's "
+                    f"persample: triton is not available ({e}); CUDA norms run ATen's "
                     "kernels, which make more passes over memory (pip install triton)",
                     stacklevel=3,
                 )
-            else:
-                _launch = launch
-    return _launch or None
+    return module or None
 
 
-def _triton_for(input):
-    """The launch module when the Triton kernels serve this input, else None: CUDA
-    tensors, and CPU tensors when triton interprets the kernels (tests)."""
+def triton_launch():
+    """The group_norm launch module (ops/triton_launch.py), or None (see triton_module)."""
+    return triton_module("triton_launch")
+
+
+def triton_for(input, name="triton_launch"):
+    """The launch module ``name`` when its Triton kernels serve this input, else None:
+    CUDA tensors, and CPU tensors when triton interprets the kernels (tests)."""
     if input.dtype not in TRITON_DTYPES:
         return None
     if input.is_cuda:
-        launch = triton_launch()
+        launch = triton_module(name)
         return launch if launch is not None and launch.fits(input) else None
-    if _launch is None and os.environ.get("TRITON_INTERPRET") != "1":
+    if name not in _modules and os.environ.get("TRITON_INTERPRET") != "1":
         return None  # no interpreter: not worth importing triton to learn that
-    launch = triton_launch()
+    launch = triton_module(name)
     return launch if launch is not None and launch.INTERPRETED and launch.fits(input) else None
+
+
+_triton_for = triton_for
 
 
 def _on_device(t):

@@ -3,7 +3,7 @@
 import torch
 
 from . import eager
-from .library import group_norm_op
+from .library import group_norm_op, layer_norm_op, rms_norm_op
 
 
 def group_norm(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -78,3 +78,72 @@ def aten_group_norm(input, num_groups, weight, bias, eps):
         input.reshape(1, n * c, -1), n * num_groups, flat[0], flat[1], eps
     )
     return out.view(input.shape)
+
+
+def _normalized_shape(normalized_shape):
+    """An int or a sequence of ints, as the stock layers take it, as a list."""
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return list(normalized_shape)
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer Normalization whose weight and bias may be per-sample.
+
+    Same signature and result as ``torch.nn.functional.layer_norm``; in addition,
+    ``weight`` and ``bias`` may hold one ``[*normalized_shape]`` slice per sample. A
+    parameter's gradient has the parameter's shape: a shared one gets the batch sum,
+    a per-sample ``[N, *normalized_shape]`` one the per-sample gradients, each summed
+    over that sample's rows (e.g. its sequence positions).
+
+    The contract is batch-first: dim 0 of ``input`` is the sample dim, and it may not
+    be a normalised dim, so ``input`` has at least one dim more than
+    ``normalized_shape`` (else a ``RuntimeError`` says so).
+
+    Args:
+        input (Tensor[N, *, *normalized_shape]): floating-point input.
+        normalized_shape (int or sequence of int): the trailing dims to normalise over.
+        weight (Tensor[*normalized_shape] or Tensor[N, *normalized_shape], optional):
+            scale, shared or per-sample.
+        bias (same shapes as weight, optional): shift, shared or per-sample.
+        eps (float): added to the variance, >= 0.
+
+    Returns:
+        Tensor: the normalised input, its shape and dtype, contiguous (as stock).
+
+    Example:
+        >>> x = torch.randn(8, 16, 32)  # 8 samples of 16 tokens
+        >>> w = torch.ones(8, 32, requires_grad=True)  # one weight row per sample
+        >>> persample.layer_norm(x, 32, w).square().sum().backward()
+        >>> w.grad.shape
+        torch.Size([8, 32])
+    """
+    return layer_norm_op(input, _normalized_shape(normalized_shape), weight, bias, eps)[0]
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """Root Mean Square Normalization whose weight may be per-sample.
+
+    Same signature and result as ``torch.nn.functional.rms_norm`` (eps None: the
+    machine epsilon of the accumulation dtype, fp32 for fp16/bf16 input); ``weight``
+    may be shared ``[*normalized_shape]`` or per-sample ``[N, *normalized_shape]``, as
+    in :func:`layer_norm`, with the same batch-first contract.
+
+    Args:
+        input (Tensor[N, *, *normalized_shape]): floating-point input.
+        normalized_shape (int or sequence of int): the trailing dims to normalise over.
+        weight (Tensor[*normalized_shape] or Tensor[N, *normalized_shape], optional):
+            scale, shared or per-sample.
+        eps (float, optional): added to the mean square, >= 0.
+
+    Returns:
+        Tensor: the normalised input, its shape and dtype, contiguous.
+
+    Example:
+        >>> x = torch.randn(8, 16, 32)
+        >>> w = torch.ones(8, 32, requires_grad=True)
+        >>> persample.rms_norm(x, 32, w).sum().backward()
+        >>> w.grad.shape
+        torch.Size([8, 32])
+    """
+    return rms_norm_op(input, _normalized_shape(normalized_shape), weight, eps)[0]

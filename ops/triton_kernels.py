@@ -33,19 +33,14 @@ mean-refinement step instead. The backward sums ``dy * (x - mean)``, never
 ``dy * x - mean * dy``. Nothing cancels when |mean| >> std.
 """
 
-import inspect
-
 import triton
 import triton.language as tl
 
+from .triton_common import jit
 
-def _kernel(fn):
-    """``triton.jit``, without specialising the counts that only index programs (NGB, G,
-    S): their divisibility tells the compiler nothing, and each class would only add a
-    compilation. C, L and L_PER stay specialised: their ``% 16`` class is what proves the
-    alignment of masked accesses, so that loads and stores vectorise."""
-    counts = [name for name in ("NGB", "G", "S") if name in inspect.signature(fn).parameters]
-    return triton.jit(do_not_specialize=counts)(fn)
+_kernel = jit(("NGB", "G", "S"))
+"""The counts that only index programs (NGB, G, S) stay unspecialised; C, L and L_PER
+are specialised, so that masked accesses vectorise (``triton_common.jit``)."""
 
 
 # ---- tile helpers ----------------------------------------------------------------------

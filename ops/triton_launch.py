@@ -21,9 +21,10 @@ import triton
 from . import triton_kernels as k
 from .checks import grad_param_dtype
 from .layout import CONTIGUOUS, dense, output_memory_format
+from .triton_common import NOMINAL_SMS, fits, interpreted, num_warps, sm_count  # noqa: F401  (fits: ops/cuda.py's)
 
 # Geometry knobs, set from measurements on an H200 (docs/benchmarks.md; the GPU check
-# sweeps them, persample/bench_kernels.py). Tests lower them to reach every path.
+# sweeps them, persample/bench/kernels.py). Tests lower them to reach every path.
 REGISTER_ELEMENTS = 4096
 """Largest group block (padded elements) that one program holds in registers: then the
 forward and backward read each tensor exactly once."""
@@ -46,25 +47,11 @@ MIN_SPLIT_CHUNK = 1024
 NUM_STAGES = None
 """Triton's software pipelining depth of the sweep loops (None: Triton's default)."""
 
-MAX_SAMPLE_ELEMENTS = 2**31
-"""Offsets within a sample are int32: larger samples take ATen's kernels (ops/cuda.py)."""
-
-INTERPRETED = type(k.forward_tile).__name__ == "InterpretedFunction"
+INTERPRETED = interpreted(k.forward_tile)
 """True when triton runs the kernels in its interpreter (``TRITON_INTERPRET=1`` when
 ops/triton_kernels.py was imported): then they take CPU tensors, which tests use."""
 
-NOMINAL_SMS = 132
-"""The SM count that plans assume without a GPU (an H200's), so that the interpreter
-tests reach the plans a GPU would make."""
-
 _MERGE_BLOCK = 1024  # range statistics (or channel sums) a merge program reads at a time
-
-
-@functools.lru_cache(maxsize=None)
-def sm_count(device):
-    if device.type != "cuda":
-        return NOMINAL_SMS
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _pow2_factor(n):
@@ -116,8 +103,7 @@ class Plan:
             if l_chunks > 1:
                 self.l_per = l_chunks // min(l_chunks, needed) * self.block_l
                 self.splits = triton.cdiv(length, self.l_per)
-        threads = self.block_c * self.block_l * itemsize // BYTES_PER_THREAD
-        self.num_warps = min(16, max(1, triton.next_power_of_2(triton.cdiv(threads, 32))))
+        self.num_warps = num_warps(self.block_c * self.block_l, itemsize, BYTES_PER_THREAD)
 
     def meta(self):
         """The constexprs and launch options that every sweep kernel takes."""
@@ -254,10 +240,3 @@ def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
             HAS_W=has_w, **plan.meta(),
         )
     return gi, gw, gb
-
-
-def fits(input):
-    """Whether the kernels' int32 in-sample offsets can address ``input`` (arithmetic on
-    sizes: ``input[0]`` would cost a view, ~10 us of a step's host time)."""
-    return input.numel() < MAX_SAMPLE_ELEMENTS * max(1, input.shape[0] if input.dim() else 1)
-

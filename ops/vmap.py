@@ -1,6 +1,7 @@
-"""vmap rules: the vmapped dimension folds into N, so a vmapped call is one kernel call.
+"""vmap rules of the norm ops (ops/family.py): the vmapped dimension folds into N, so a
+vmapped call is one kernel call.
 
-Per-sample parameters are the key: a vmapped ``[C]`` weight becomes an ``[B*N, C]``
+Per-sample parameters are the key: a vmapped ``[C]`` weight becomes a ``[B*N, C]``
 per-sample weight, which the kernels already handle without a loop.
 
 The rules have ``torch.library.register_vmap``'s signature, and are registered the way it
@@ -10,7 +11,8 @@ registers them, minus its pytree handling (see ``_batched_kernel``).
 import torch
 from torch._C import _functorch
 
-from .library import group_norm_backward_op, group_norm_op, lib
+from .family import NORMS
+from .library import lib
 
 
 def _fold(t, bdim, batch_size):
@@ -19,52 +21,53 @@ def _fold(t, bdim, batch_size):
     return t.flatten(0, 1)
 
 
-def _fold_param(p, bdim, batch_size, n):
-    """A ``[C]`` or ``[N, C]`` parameter, maybe batched, as one the folded input accepts."""
-    if p is None or (bdim is None and p.dim() == 1):
+def _fold_param(p, bdim, batch_size, n, rank):
+    """A shared (``rank`` dims) or per-sample parameter, maybe batched, as one the folded
+    input accepts."""
+    if p is None or (bdim is None and p.dim() == rank):
         return p
     if bdim is None:
         return _fold(p, None, batch_size)
     p = p.movedim(bdim, 0)
-    if p.dim() == 2:  # one [C] per vmapped item: repeat it over that item's N samples
-        p = p.unsqueeze(1).expand(batch_size, n, p.shape[1])
+    if p.dim() == rank + 1:  # one shared parameter per vmapped item: repeat it over its N samples
+        p = p.unsqueeze(1).expand(batch_size, n, *p.shape[1:])
     return p.flatten(0, 1)
 
 
-def _group_norm_vmap(info, in_dims, input, num_groups, weight=None, bias=None, eps=1e-5):
+def _fold_args(norm, roles, info, in_dims, args):
+    """The op's arguments with the vmapped dim folded into N; and N."""
+    b = info.batch_size
     # The dispatcher drops trailing arguments that equal their defaults.
-    x_dim, _, w_dim, b_dim, _ = tuple(in_dims) + (None,) * (5 - len(in_dims))
-    b = info.batch_size
-    x = _fold(input, x_dim, b)
-    n = x.shape[0] // b
-    out, mean, rstd = group_norm_op(
-        x, num_groups, _fold_param(weight, w_dim, b, n), _fold_param(bias, b_dim, b, n), eps
-    )
-    split = (b, n)
-    return (out.unflatten(0, split), mean.unflatten(0, split), rstd.unflatten(0, split)), (0, 0, 0)
+    in_dims = tuple(in_dims) + (None,) * (len(args) - len(in_dims))
+    folded = [_fold(a, d, b) if role == "x" else a for a, role, d in zip(args, roles, in_dims)]
+    n = folded[roles.index("x")].shape[0] // b
+    rank = norm.param_rank(args[roles.index(None)])  # the config is the first other argument
+    for i, (role, d) in enumerate(zip(roles, in_dims)):
+        if role == "p":
+            folded[i] = _fold_param(folded[i], d, b, n, rank)
+    return folded, n
 
 
-def _group_norm_backward_vmap(
-    info, in_dims, grad_out, input, mean, rstd, weight, num_groups, output_mask, eps=1e-5
-):
-    go_dim, x_dim, m_dim, r_dim, w_dim = in_dims[:5]
-    b = info.batch_size
-    x = _fold(input, x_dim, b)
-    n = x.shape[0] // b
-    grads = group_norm_backward_op(
-        _fold(grad_out, go_dim, b),
-        x,
-        _fold(mean, m_dim, b),
-        _fold(rstd, r_dim, b),
-        _fold_param(weight, w_dim, b, n),
-        num_groups,
-        output_mask,
-        eps,
-    )
-    # A masked gradient is an empty, unbatched placeholder.
-    outs = tuple(g.unflatten(0, (b, n)) if m else g for g, m in zip(grads, output_mask))
-    dims = tuple(0 if m else None for m in output_mask)
-    return outs, dims
+def _forward_rule(norm):
+    def rule(info, in_dims, *args):
+        folded, n = _fold_args(norm, norm.forward_roles, info, in_dims, args)
+        outs = norm.op(*folded)
+        split = (info.batch_size, n)
+        return tuple(o.unflatten(0, split) for o in outs), (0,) * len(outs)
+
+    return rule
+
+
+def _backward_rule(norm):
+    def rule(info, in_dims, *args):
+        folded, n = _fold_args(norm, norm.backward_roles, info, in_dims, args)
+        grads = norm.backward_op(*folded)
+        mask = folded[norm.backward_roles.index("mask")]
+        # A masked gradient is an empty, unbatched placeholder.
+        outs = tuple(g.unflatten(0, (info.batch_size, n)) if m else g for g, m in zip(grads, mask))
+        return outs, tuple(0 if m else None for m in mask)
+
+    return rule
 
 
 class _Info:
@@ -108,8 +111,11 @@ def _batched_kernel(rule, op):
     return kernel
 
 
-for _name, _rule, _op in (
-    ("group_norm", _group_norm_vmap, group_norm_op),
-    ("group_norm_backward", _group_norm_backward_vmap, group_norm_backward_op),
-):
-    lib.impl(_name, _batched_kernel(_rule, _op), "FuncTorchBatched", with_keyset=True)
+for _norm in NORMS:
+    lib.impl(_norm.name, _batched_kernel(_forward_rule(_norm), _norm.op), "FuncTorchBatched", with_keyset=True)
+    lib.impl(
+        f"{_norm.name}_backward",
+        _batched_kernel(_backward_rule(_norm), _norm.backward_op),
+        "FuncTorchBatched",
+        with_keyset=True,
+    )

@@ -1,7 +1,7 @@
-"""Per-sample gradients for GroupNorm as real PyTorch operators.
+"""Per-sample gradients for GroupNorm, LayerNorm and RMSNorm as real PyTorch operators.
 
-Importing ``persample`` registers ``torch.ops.persample.group_norm`` and
-``torch.ops.persample.group_norm_backward`` (CPU and CUDA kernels, fake
+Importing ``persample`` registers ``torch.ops.persample.group_norm``,
+``layer_norm`` and ``rms_norm`` and their backward ops (CPU and CUDA kernels, fake
 implementations, autograd and vmap rules).
 """
 
@@ -10,16 +10,28 @@ from . import meta  # noqa: F401  (registers their fake impls)
 from . import nn
 from . import export  # noqa: F401  (lowers the ops to ATen under ONNX export)
 from .grad_sample import call_for_per_sample_grads
-from .convert import convert_group_norm, revert_group_norm, unrouted_group_norms
-from .ops import group_norm
+from .convert import (
+    convert_group_norm,
+    convert_norms,
+    revert_group_norm,
+    revert_norms,
+    unrouted_group_norms,
+    unrouted_norms,
+)
+from .ops import group_norm, layer_norm, rms_norm
 
 __all__ = [
     "group_norm",
+    "layer_norm",
+    "rms_norm",
     "nn",
     "export",
     "convert_group_norm",
+    "convert_norms",
     "revert_group_norm",
+    "revert_norms",
     "unrouted_group_norms",
+    "unrouted_norms",
     "call_for_per_sample_grads",
 ]
 __version__ = "0.1.0"

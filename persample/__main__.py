@@ -1,5 +1,5 @@
-"""``python -m persample``: the DP-SGD demo (see :mod:`persample.demo`)."""
+"""``python -m persample``: the DP-SGD demo (see :mod:`persample.bench.demo`)."""
 
-from .demo import main
+from .bench.demo import main
 
 main()

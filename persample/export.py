@@ -4,7 +4,7 @@ The ops stay opaque to ``torch.export`` (and to a default ``ep.run_decomposition
 so that an exported program keeps the fast kernels. Two consumers need ATen instead:
 
 - **ONNX.** The exporter has no translation for a custom op. While
-  ``torch.onnx.is_in_onnx_export()`` holds, both ops decompose into the functions below
+  ``torch.onnx.is_in_onnx_export()`` holds, the ops decompose into the functions below
   when the exporter traces the program under functionalization, and the exporter
   translates the ATen ops they emit. The hook is a ``torch.library.register_torch_dispatch``
   rule for ``FunctionalTensorMode``: the one torch's own ``torch.library.triton_op`` uses
@@ -32,13 +32,25 @@ from torch._subclasses.functional_tensor import FunctionalTensorMode
 from .ops.aten_kernels import empty_forward
 from .ops.checks import acc_dtype, check_group_norm, check_group_norm_backward, grad_param_dtype
 from .ops.layout import output_memory_format
-from .ops.library import group_norm_backward_op, group_norm_op
+from .ops.library import (
+    group_norm_backward_op,
+    group_norm_op,
+    layer_norm_backward_op,
+    layer_norm_op,
+    rms_norm_backward_op,
+    rms_norm_op,
+)
+from .ops.row_norm_checks import check_row_norm, check_row_norm_backward, rms_eps, rows, stats_shape
 
 __all__ = [
     "DECOMPOSITIONS",
     "core_aten_decompositions",
     "group_norm_backward_decomposition",
     "group_norm_decomposition",
+    "layer_norm_backward_decomposition",
+    "layer_norm_decomposition",
+    "rms_norm_backward_decomposition",
+    "rms_norm_decomposition",
 ]
 
 
@@ -140,18 +152,114 @@ def group_norm_backward_decomposition(
     return gi, gw, gb
 
 
+def _row_view(input, normalized_shape):
+    """``input`` as ``[N, M, D]`` in the accumulation dtype."""
+    return input.to(acc_dtype(input.dtype)).reshape(rows(input, normalized_shape))
+
+
+def _row_param(p, normalized_shape, dtype):
+    """A ``[*ns]`` or ``[N, *ns]`` parameter as ``[D]`` or ``[N, 1, D]``."""
+    p = p.to(dtype)
+    if p.dim() == len(normalized_shape):
+        return p.reshape(math.prod(normalized_shape))
+    return p.reshape(p.shape[0], 1, math.prod(normalized_shape))
+
+
+def _row_forward(input, normalized_shape, weight, bias, eps, rms):
+    shape = stats_shape(input, normalized_shape)
+    if input.numel() == 0:
+        stats = input.new_zeros(shape, dtype=acc_dtype(input.dtype))
+        return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
+    x = _row_view(input, normalized_shape)
+    if rms:
+        mean = None
+        rstd = torch.rsqrt((x * x).mean(2, keepdim=True) + eps)
+        out = x * rstd
+    else:
+        mean = x.mean(2, keepdim=True)
+        rstd = torch.rsqrt(torch.var(x, 2, correction=0, keepdim=True) + eps)
+        out = (x - mean) * rstd
+    if weight is not None:
+        out = out * _row_param(weight, normalized_shape, out.dtype)
+    if bias is not None:
+        out = out + _row_param(bias, normalized_shape, out.dtype)
+    out = out.reshape(input.shape).to(input.dtype).contiguous()
+    return out, (None if mean is None else mean.reshape(shape)), rstd.reshape(shape)
+
+
+def layer_norm_decomposition(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """``persample::layer_norm`` as ATen ops, with the op's checks, dtypes and layout:
+    ``(out, mean, rstd)``, the statistics in ATen's shape (the input's with the
+    normalised dims 1), fp32 for fp16/bf16 input."""
+    check_row_norm("layer_norm", input, normalized_shape, weight, bias, eps)
+    return _row_forward(input, normalized_shape, weight, bias, eps, rms=False)
+
+
+def rms_norm_decomposition(input, normalized_shape, weight=None, eps=None):
+    """``persample::rms_norm`` as ATen ops: ``(out, rstd)``."""
+    check_row_norm("rms_norm", input, normalized_shape, weight, None, eps)
+    out, _, rstd = _row_forward(input, normalized_shape, weight, None, rms_eps(eps, input.dtype), rms=True)
+    return out, rstd
+
+
+def _row_backward(grad_out, input, normalized_shape, mean, rstd, weight, output_mask, rms):
+    dtype = acc_dtype(input.dtype)
+    n = input.shape[0]
+    per_sample = (n, *normalized_shape)
+    x = _row_view(input, normalized_shape)
+    dy = grad_out.to(dtype).reshape(x.shape)
+    r = rstd.reshape(x.shape[0], x.shape[1], 1)
+    x_hat = x * r if rms else (x - mean.reshape(r.shape)) * r
+    outs = []
+    if output_mask[0]:
+        g = dy if weight is None else dy * _row_param(weight, normalized_shape, dtype)
+        gi = g - x_hat * (g * x_hat).mean(2, keepdim=True)
+        if not rms:
+            gi = gi - g.mean(2, keepdim=True)
+        outs.append((gi * r).reshape(input.shape).to(input.dtype).contiguous())
+    else:
+        outs.append(input.new_empty((0,)))
+    sums = ((dy * x_hat).sum(1), dy.sum(1))
+    for keep, g in zip(output_mask[1:], sums):
+        outs.append(g.reshape(per_sample) if keep else input.new_empty((0,), dtype=dtype))
+    return tuple(outs)
+
+
+def layer_norm_backward_decomposition(
+    grad_out, input, normalized_shape, mean, rstd, weight, output_mask, eps=1e-5
+):
+    """``persample::layer_norm_backward`` as ATen ops, from the saved statistics:
+    grad_input (contiguous) and the per-sample ``[N, *normalized_shape]`` weight and
+    bias gradients, ``Tensor[0]`` where masked."""
+    check_row_norm_backward(
+        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, eps
+    )
+    return _row_backward(grad_out, input, normalized_shape, mean, rstd, weight, output_mask, rms=False)
+
+
+def rms_norm_backward_decomposition(grad_out, input, normalized_shape, rstd, weight, output_mask, eps=None):
+    """``persample::rms_norm_backward`` as ATen ops: grad_input and the per-sample
+    weight gradient."""
+    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, eps)
+    return _row_backward(grad_out, input, normalized_shape, None, rstd, weight, output_mask, rms=True)
+
+
 DECOMPOSITIONS = {
     group_norm_op: group_norm_decomposition,
     group_norm_backward_op: group_norm_backward_decomposition,
+    layer_norm_op: layer_norm_decomposition,
+    layer_norm_backward_op: layer_norm_backward_decomposition,
+    rms_norm_op: rms_norm_decomposition,
+    rms_norm_backward_op: rms_norm_backward_decomposition,
 }
-"""``{op: decomposition}`` for both persample ops, to merge into a decomposition table of
+"""``{op: decomposition}`` for the persample ops, to merge into a decomposition table of
 one's own; :func:`core_aten_decompositions` merges it into torch's core ATen table."""
 
 
 def core_aten_decompositions():
     """The table that lowers an exported program to core ATen, persample ops included.
 
-    ``torch.export.default_decompositions()`` plus both persample ops. A default
+    ``torch.export.default_decompositions()`` plus the persample ops. A default
     ``ep.run_decompositions()`` keeps the persample ops (they have no decomposition
     of their own there); pass this table to lower them too.
 

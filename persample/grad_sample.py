@@ -1,12 +1,14 @@
-"""Model-level per-sample gradients: ``p.grad_sample`` for persample GroupNorm parameters.
+"""Model-level per-sample gradients: ``p.grad_sample`` for persample norm parameters.
 
 The same convention as ExpandedWeights (``call_for_per_sample_grads``) and Opacus: after
-the backward pass every affine :class:`persample.nn.GroupNorm` parameter ``p`` holds
+the backward pass every parameter ``p`` of a :class:`persample.nn.GroupNorm`,
+:class:`~persample.nn.LayerNorm` or :class:`~persample.nn.RMSNorm` holds
 ``p.grad_sample`` of shape ``[N, *p.shape]``, and ``p.grad`` as usual.
 
-It works by attaching, for the duration of one call, zero ``[N, C]`` leaf tensors to
-each layer; the layer adds them to its parameters. Their gradients are the per-sample
-gradients, computed by ``persample::group_norm_backward``, and hooks on those leaves
+It works by attaching, for the duration of one call, zero ``[N, *p.shape]`` leaf tensors
+to each layer; the layer adds them to its parameters. Their gradients are the per-sample
+gradients, computed by the norm's backward op (``persample::group_norm_backward``, ...),
+and hooks on those leaves
 copy them to ``grad_sample``. Everything happens outside the model, so the model can be
 ``torch.compile(fullgraph=True)``-ed: it sees the leaves as ordinary tensor inputs (no
 graph break, no compiled autograd), and a changing batch size triggers at most the one
@@ -16,14 +18,18 @@ recompile that makes the batch dimension dynamic.
 import torch
 import torch.utils._pytree as pytree
 
-from .nn import GroupNorm
+from .nn import PerSampleNorm
 
 __all__ = ["call_for_per_sample_grads", "per_sample_layers", "sampled_parameters"]
 
 
 def per_sample_layers(module):
-    """The affine :class:`persample.nn.GroupNorm` layers of ``module`` (compiled or not)."""
-    return [m for m in module.modules() if isinstance(m, GroupNorm) and m.affine]
+    """The persample norm layers of ``module`` (compiled or not) that have parameters."""
+    return [m for m in module.modules() if isinstance(m, PerSampleNorm) and _norm_params(m)]
+
+
+def _norm_params(layer):
+    return [name for name in ("weight", "bias") if getattr(layer, name, None) is not None]
 
 
 def _batch_size(args, kwargs, batch_first):
@@ -48,14 +54,14 @@ def _hook(param, scale):
 
 def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", batch_first=True):
     """Wrap ``module`` so that a backward pass fills ``p.grad_sample`` for its
-    persample GroupNorm parameters.
+    persample norm parameters.
 
     Mirrors ``torch.nn.utils._per_sample_grad.call_for_per_sample_grads``. Call the
     result like the module; run the backward pass on a loss computed from its output.
 
     Args:
-        module (nn.Module): a model holding :class:`persample.nn.GroupNorm` layers (use
-            :func:`persample.convert_group_norm` for ``nn.GroupNorm``), or the
+        module (nn.Module): a model holding persample norm layers (use
+            :func:`persample.convert_norms` for stock norms), or the
             ``torch.compile``-d model.
         batch_size (int, optional): N; by default dim 0 (or 1, see ``batch_first``) of
             the first tensor argument.
@@ -79,9 +85,9 @@ def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", 
     targets = sampled_parameters(module)
     if not targets:
         raise ValueError(
-            "call_for_per_sample_grads: the module has no affine persample.nn.GroupNorm "
-            "layer nor routed group norm with parameters; convert the model with "
-            "persample.convert_group_norm first"
+            "call_for_per_sample_grads: the module has no persample norm layer "
+            "(persample.nn.GroupNorm, LayerNorm, RMSNorm) with parameters, nor a routed "
+            "norm with parameters; convert the model with persample.convert_norms first"
         )
 
     routed = [m for m in module.modules() if getattr(m, "_persample_original", None) is not None]
@@ -115,14 +121,13 @@ def call_for_per_sample_grads(module, *, batch_size=None, loss_reduction="sum", 
 
 def sampled_parameters(module):
     """``[(layer, name)]``: the parameters that :func:`call_for_per_sample_grads`
-    samples: the weight and bias of affine :class:`persample.nn.GroupNorm` layers, and
+    samples: the weight and bias of the persample norm layers, and
     the trainable direct parameters of modules whose group norms are routed to
     persample (``persample.convert``), e.g. a GroupNorm subclass's weight and bias."""
     out = []
     for layer in module.modules():
-        if isinstance(layer, GroupNorm):
-            if layer.affine:
-                out += [(layer, name) for name in ("weight", "bias") if getattr(layer, name) is not None]
+        if isinstance(layer, PerSampleNorm):
+            out += [(layer, name) for name in _norm_params(layer)]
         elif getattr(layer, "_persample_original", None) is not None:
             out += [(layer, k) for k, p in layer.named_parameters(recurse=False) if p.requires_grad]
     return out
@@ -131,7 +136,7 @@ def sampled_parameters(module):
 def _attach(layer, samples, park=True):
     """Give ``layer`` its leaves for this call (None: the call is over); with ``park``,
     also keep them for a recomputation in the backward pass (persample/leaves.py)."""
-    if isinstance(layer, GroupNorm):
+    if isinstance(layer, PerSampleNorm):
         layer._weight_sample = samples and samples.get("weight")
         layer._bias_sample = samples and samples.get("bias")
         parked = samples and (layer._weight_sample, layer._bias_sample)

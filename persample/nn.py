@@ -1,16 +1,54 @@
-"""``nn.GroupNorm`` drop-in whose forward runs through ``persample::group_norm``."""
+"""Drop-ins for ``nn.GroupNorm``, ``nn.LayerNorm`` and ``nn.RMSNorm`` whose forward runs
+through the persample operators."""
 
 import torch
 
 from . import leaves
 from .ops import eager
-from .ops.functional import aten_group_norm, use_aten
-from .ops.library import group_norm_op
+from .ops.functional import aten_group_norm, group_norm, use_aten
+from .ops.library import group_norm_op, layer_norm_op, rms_norm_op
 
-__all__ = ["GroupNorm", "convert_group_norm", "revert_group_norm"]
+__all__ = [
+    "GroupNorm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "LayerNorm",
+    "PerSampleNorm",
+    "RMSNorm",
+    "convert_group_norm",
+    "revert_group_norm",
+]
 
 
-class GroupNorm(torch.nn.GroupNorm):
+class PerSampleNorm:
+    """What the persample norm layers share: the per-sample leaves of
+    ``persample.call_for_per_sample_grads`` and the statistics kept for Opacus."""
+
+    # Zero [N, *param.shape] leaves that persample.call_for_per_sample_grads attaches
+    # for one call: adding them to the shared parameters leaves the output unchanged, and
+    # their gradients are the per-sample gradients (the parameters still get the batch sum).
+    _weight_sample = None
+    _bias_sample = None
+
+    def _params(self):
+        """The parameters this forward uses: the layer's, plus the leaves if attached."""
+        weight, bias = self.weight, getattr(self, "bias", None)
+        samples = self._weight_sample, self._bias_sample
+        if samples[0] is None and samples[1] is None:  # checkpointing: see persample/leaves.py
+            samples = leaves.current(None, self) or samples
+        if samples[0] is not None:
+            weight = weight + samples[0]
+        if samples[1] is not None:
+            bias = bias + samples[1]
+        return weight, bias
+
+    def _stashing(self):
+        """Whether to keep this forward's statistics for a hook-based sampler."""
+        return bool(self._forward_hooks) and self.training and not torch.compiler.is_compiling()
+
+
+class GroupNorm(PerSampleNorm, torch.nn.GroupNorm):
     """Drop-in for :class:`torch.nn.GroupNorm` backed by the persample operator.
 
     Same constructor, ``state_dict`` keys and ``extra_repr``; it loads an
@@ -38,22 +76,9 @@ class GroupNorm(torch.nn.GroupNorm):
         torch.Size([4, 6])
     """
 
-    # Zero [N, C] leaves that persample.call_for_per_sample_grads attaches for one call:
-    # adding them to the shared parameters leaves the output unchanged, and their
-    # gradients are the per-sample gradients (the parameters still get the batch sum).
-    _weight_sample = None
-    _bias_sample = None
-
     def forward(self, input):
-        weight, bias = self.weight, self.bias
-        samples = self._weight_sample, self._bias_sample
-        if samples[0] is None and samples[1] is None:  # checkpointing: see persample/leaves.py
-            samples = leaves.current(None, self) or samples
-        if samples[0] is not None:
-            weight = weight + samples[0]
-        if samples[1] is not None:
-            bias = bias + samples[1]
-        stash = bool(self._forward_hooks) and self.training and not torch.compiler.is_compiling()
+        weight, bias = self._params()
+        stash = self._stashing()
         fast = eager.fast_op(input, stats=stash)
         if fast is not None and not stash:
             return fast(input, self.num_groups, weight, bias, self.eps)
@@ -66,12 +91,102 @@ class GroupNorm(torch.nn.GroupNorm):
         return out
 
 
-def _stash_stats(layer, input, mean, rstd):
-    """Keep this call's statistics for a hook-based per-sample sampler
+class LayerNorm(PerSampleNorm, torch.nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm` backed by ``persample::layer_norm``.
+
+    Same constructor, ``state_dict`` keys and ``extra_repr``; it loads an
+    ``nn.LayerNorm`` state dict as is. Batch-first: dim 0 of the input is the sample
+    dim, which may not be normalised (see :func:`persample.layer_norm`).
+    ``weight`` and ``bias`` may be swapped for ``[N, *normalized_shape]`` per-sample
+    tensors with ``torch.func.functional_call``, whose gradients are then the
+    per-sample gradients.
+
+    Shape:
+        - Input: ``(N, *, *normalized_shape)``
+        - Output: same shape as the input.
+
+    Example:
+        >>> ln = persample.nn.LayerNorm(32)
+        >>> x = torch.randn(4, 16, 32)
+        >>> w = ln.weight.detach().expand(4, -1).requires_grad_()
+        >>> torch.func.functional_call(ln, {"weight": w, "bias": ln.bias}, (x,)).sum().backward()
+        >>> w.grad.shape
+        torch.Size([4, 32])
+    """
+
+    def forward(self, input):
+        weight, bias = self._params()
+        out, mean, rstd = layer_norm_op(input, list(self.normalized_shape), weight, bias, self.eps)
+        if self._stashing():
+            _stash_stats(self, input, mean, rstd)
+        return out
+
+
+class RMSNorm(PerSampleNorm, torch.nn.RMSNorm):
+    """Drop-in for :class:`torch.nn.RMSNorm` backed by ``persample::rms_norm``.
+
+    Same constructor, ``state_dict`` keys and ``extra_repr``. Batch-first, like
+    :class:`LayerNorm`; ``weight`` may be swapped for an ``[N, *normalized_shape]``
+    per-sample tensor.
+
+    Shape:
+        - Input: ``(N, *, *normalized_shape)``
+        - Output: same shape as the input.
+    """
+
+    def forward(self, input):
+        weight, _ = self._params()
+        out, rstd = rms_norm_op(input, list(self.normalized_shape), weight, self.eps)
+        if self._stashing():
+            _stash_stats(self, input, rstd)
+        return out
+
+
+class _InstanceNorm(PerSampleNorm):
+    """InstanceNorm without running statistics is GroupNorm with one channel per group,
+    so it runs ``persample::group_norm`` with ``num_groups = C``. Running statistics are
+    a batch average, which has no per-sample form: they are refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.track_running_stats:
+            raise ValueError(
+                f"persample.nn.{type(self).__name__}: track_running_stats=True is not supported "
+                "(running statistics are a batch average, with no per-sample gradient); "
+                f"use torch.nn.{type(self).__name__}"
+            )
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        unbatched = input.dim() == self._get_no_batch_dim()
+        if unbatched:
+            input = input.unsqueeze(0)
+        weight, bias = self._params() if self.affine else (None, None)
+        out = group_norm(input, input.shape[1], weight, bias, self.eps)
+        return out.squeeze(0) if unbatched else out
+
+
+class InstanceNorm1d(_InstanceNorm, torch.nn.InstanceNorm1d):
+    """Drop-in for :class:`torch.nn.InstanceNorm1d` (``track_running_stats=False``)
+    backed by ``persample::group_norm`` with one channel per group."""
+
+
+class InstanceNorm2d(_InstanceNorm, torch.nn.InstanceNorm2d):
+    """Drop-in for :class:`torch.nn.InstanceNorm2d` (``track_running_stats=False``)
+    backed by ``persample::group_norm`` with one channel per group."""
+
+
+class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
+    """Drop-in for :class:`torch.nn.InstanceNorm3d` (``track_running_stats=False``)
+    backed by ``persample::group_norm`` with one channel per group."""
+
+
+def _stash_stats(layer, input, *stats):
+    """Keep this call's statistics (mean and rstd, or rstd alone) for a hook-based per-sample sampler
     (``persample.opacus``), so that it needs no recomputation. Keyed by the input's
     storage, bounded, so that unclaimed entries cannot pile up."""
     stash = layer.__dict__.setdefault("_saved_stats", [])
-    stash.append((input.data_ptr(), input.shape, mean.detach(), rstd.detach()))
+    stash.append((input.data_ptr(), input.shape, *(t.detach() for t in stats)))
     del stash[:-4]
 
 
@@ -79,17 +194,15 @@ def pop_stats(layer, input):
     """The statistics that ``layer``'s forward computed for ``input``, or None."""
     stash = layer.__dict__.get("_saved_stats", [])
     for i in range(len(stash) - 1, -1, -1):
-        ptr, shape, mean, rstd = stash[i]
+        ptr, shape, *stats = stash[i]
         if ptr == input.data_ptr() and shape == input.shape:
             del stash[i]
-            return mean, rstd
+            return tuple(stats)
     return None
 
 
 def convert_group_norm(module):
-    """Route every group norm of ``module`` through persample: stock ``nn.GroupNorm``
-    layers become :class:`GroupNorm`, subclasses and modules that call ``F.group_norm``
-    keep their forward, which then calls persample. See
+    """Route every group norm of ``module`` through persample. See
     :func:`persample.convert.convert_group_norm`."""
     from . import convert
 
@@ -98,7 +211,7 @@ def convert_group_norm(module):
 
 def revert_group_norm(module):
     """The inverse of :func:`convert_group_norm`. See
-    :func:`persample.convert.revert_group_norm`."""
+    :func:`persample.convert.revert_norms`."""
     from . import convert
 
-    return convert.revert_group_norm(module)
+    return convert.revert_norms(module)

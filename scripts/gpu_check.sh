@@ -9,7 +9,7 @@
 #       under the best: kernel-only times and bandwidth, end-to-end steps against
 #       nn.GroupNorm and ExpandedWeights. Writes OUTDIR/bench-kernels.json.
 #   scripts/gpu_check.sh 2 OUTDIR   (~4 min) builds the C++ library if it can, times a
-#       step's host time layer by layer (persample.bench_host), runs the CUDA, Triton
+#       step's host time layer by layer (persample.bench.host), runs the CUDA, Triton
 #       and transform tests on the GPU (OUTDIR/tests.xml), then the host-bound suite
 #       (OUTDIR/bench-cuda.json).
 #
@@ -23,6 +23,7 @@ export PYTHONUNBUFFERED=1
 site="$(mktemp -d)"
 mkdir -p "$site/persample"
 cp persample/*.py "$site/persample/"
+cp -r persample/bench "$site/persample/bench"
 cp -r ops "$site/persample/ops"
 cp -r meta "$site/persample/meta"
 stage() { echo "=== $1 (at ${SECONDS}s)"; }
@@ -52,7 +53,7 @@ else
         echo "C++ library not built (tail of $site/build.log:)"; tail -n 5 "$site/build.log"
     fi
     stage "host time of a step, layer by layer"
-    python3 -P -m persample.bench_host || status=$?
+    python3 -P -m persample.bench.host || status=$?
     stage "tests"
     python3 -P -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests.xml" \
         tests/test_triton.py tests/test_cuda.py tests/test_eager_fast_path.py || status=$?

@@ -11,7 +11,7 @@ import unittest.mock
 
 import torch
 
-from persample import bench, bench_kernels, methods
+from persample.bench import cli, kernels, layer, methods
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None
 
@@ -26,7 +26,7 @@ class TestBench(unittest.TestCase):
         if importlib.util.find_spec("matplotlib"):
             argv += ["--plot", cls.png_path]
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            bench.main(argv)
+            cli.main(argv)
         cls.stdout = out.getvalue()
         with open(cls.json_path) as f:
             cls.result = json.load(f)
@@ -67,7 +67,7 @@ class TestMissingPackage(unittest.TestCase):
         methods.METHODS.clear()
         methods.METHODS.update(plain=saved["plain"], opacus_stock=unavailable)
         try:
-            row = bench.run_shape((2, 4, 3, 3, 2), False, 1, bench.torch.device("cpu"), list(methods.METHODS))
+            row = layer.run_shape((2, 4, 3, 3, 2), False, 1, torch.device("cpu"), list(methods.METHODS))
         finally:
             methods.METHODS.clear()
             methods.METHODS.update(saved)
@@ -85,21 +85,21 @@ class TestMissingPackage(unittest.TestCase):
         methods.METHODS.clear()
         methods.METHODS.update(plain=saved["plain"], persample=saved["persample"], broken=broken)
         try:
-            rows = [bench.run_shape((n, 4, 3, 3, 2), False, 1, bench.torch.device("cpu"), list(methods.METHODS))
+            rows = [layer.run_shape((n, 4, 3, 3, 2), False, 1, torch.device("cpu"), list(methods.METHODS))
                     for n in (2, 3)]
             with contextlib.redirect_stdout(io.StringIO()) as out:
-                bench.report(rows, "header")
+                layer.report(rows, "header")
         finally:
             methods.METHODS.clear()
             methods.METHODS.update(saved)
         self.assertEqual(rows[0]["skipped"], {"broken": "failed: RuntimeError: Expected X.is_contiguous(memory_format)"})
         self.assertIn("broken", rows[1]["ms"])
-        self.assertEqual(set(bench.summary(rows)), {"plain", "persample"})
+        self.assertEqual(set(layer.summary(rows)), {"plain", "persample"})
         self.assertIn("skipped broken at 2,4,3,3,2: failed: RuntimeError", out.getvalue())
 
 
 class TestKernelSuite(unittest.TestCase):
-    """The kernel-bound suite (persample/bench_kernels.py) needs a GPU; its pieces that
+    """The kernel-bound suite (persample/bench/kernels.py) needs a GPU; its pieces that
     do not are tested here."""
 
     @unittest.skipIf(torch.cuda.is_available(), "a CUDA device is present")
@@ -107,25 +107,25 @@ class TestKernelSuite(unittest.TestCase):
         for device in ("cpu", "cuda"):
             with self.subTest(device=device), contextlib.redirect_stderr(io.StringIO()) as err:
                 with self.assertRaises(SystemExit) as exit:
-                    bench.main(["--kernels", "--device", device])
+                    cli.main(["--kernels", "--device", device])
             self.assertEqual(exit.exception.code, 2)
             self.assertIn("--kernels measures CUDA kernels: run it with --device cuda", err.getvalue())
 
     def test_steps_run_and_persample_gives_per_sample_grads(self):
-        case = bench_kernels.Case((3, 4, 5, 6, 2), torch.float32, True, device="cpu")
+        case = kernels.Case((3, 4, 5, 6, 2), torch.float32, True, device="cpu")
         steps = case.autograd_steps()
         self.assertEqual(set(steps), {"plain", "persample", "expanded_weights"})
         for name, step in steps.items():
             with self.subTest(name):
                 step()
         grads = []
-        original = bench_kernels.persample.group_norm
+        original = kernels.persample.group_norm
 
         def spy(x, groups, w, b):
             grads.extend((w, b))
             return original(x, groups, w, b)
 
-        with unittest.mock.patch.object(bench_kernels.persample, "group_norm", spy):
+        with unittest.mock.patch.object(kernels.persample, "group_norm", spy):
             steps["persample"]()
         self.assertEqual([g.grad.shape for g in grads], [(3, 4), (3, 4)])
 
@@ -134,7 +134,7 @@ class TestKernelSuite(unittest.TestCase):
                      "no GPU and no triton interpreter")
     def test_kernel_steps_run(self):
         """The kernel-only steps (in triton's interpreter without a GPU)."""
-        case = bench_kernels.Case((3, 4, 5, 6, 2), torch.float32, True,
+        case = kernels.Case((3, 4, 5, 6, 2), torch.float32, True,
                                   device="cuda" if torch.cuda.is_available() else "cpu")
         steps = case.kernel_steps()
         self.assertEqual(set(steps), {"persample", "aten", "copy"})
@@ -154,14 +154,14 @@ class TestKernelSuite(unittest.TestCase):
     def test_summary_and_goals(self):
         rows = [self.row(False, True, 1.0, ew=2.0, bandwidth=0.9), self.row(False, False, 4.0, ew=8.0, bandwidth=0.1),
                 self.row(True, True, 2.0, bandwidth=0.6, aten=2.0), self.row(True, True, 2.0, bandwidth=0.75, aten=8.0)]
-        means = bench_kernels.summary(rows)
+        means = kernels.summary(rows)
         self.assertAlmostEqual(means["plain_contiguous"], 2.0)  # sqrt(1 * 4)
         self.assertAlmostEqual(means["plain_channels_last"], 2.0)
         self.assertAlmostEqual(means["aten_kernels_channels_last"], 4.0)  # sqrt(2 * 8)
         self.assertAlmostEqual(means["bandwidth_on_chip_min"], 0.6)  # the swept case is left out
         self.assertAlmostEqual(means["expanded_weights"], 4.0)
         self.assertEqual(means["expanded_weights_cases"], 2)
-        met = {text: ok for text, (_, _, ok) in bench_kernels.goals(means).items()}
+        met = {text: ok for text, (_, _, ok) in kernels.goals(means).items()}
         self.assertEqual(list(met.values()), [True, True, False, True])
 
 
@@ -172,7 +172,7 @@ class TestGpuCheck(unittest.TestCase):
     def test_forced_knobs_reach_every_kind_of_plan(self):
         from unittest import mock
 
-        from persample import gpu_check
+        from persample.bench import gpu_check
         from persample.ops import triton_launch
 
         kinds = set()
@@ -188,10 +188,10 @@ class TestGpuCheck(unittest.TestCase):
                 self.assertIn((kind, "single" if kind == "default" else kind), kinds)
 
     def test_tune_jobs_cover_every_config_and_case(self):
-        from persample import bench_tune
+        from persample.bench import tune
 
-        jobs = bench_tune.jobs(bench_tune.CONFIGS, [(2, 4, 3, 3, 2)], (torch.float32, torch.bfloat16))
-        self.assertEqual(len(jobs), len(bench_tune.CONFIGS) * 4)
+        jobs = tune.jobs(tune.CONFIGS, [(2, 4, 3, 3, 2)], (torch.float32, torch.bfloat16))
+        self.assertEqual(len(jobs), len(tune.CONFIGS) * 4)
         self.assertEqual({(j[2], j[3]) for j in jobs},
                          {("float32", False), ("float32", True), ("bfloat16", False), ("bfloat16", True)})
 

@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from error_model import assert_all_track_stock
-from persample import bench, bench_models, methods, model_methods, models
+from persample import models
+from persample.bench import cli, methods, model_methods
+from persample.bench import models as bench_models
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None
 TINY = {
@@ -111,7 +113,7 @@ class TestCommandLine(unittest.TestCase):
         with mock.patch.dict(model_methods.MODELS, TINY), \
                 mock.patch.dict(model_methods.METHODS, eager_floor), \
                 contextlib.redirect_stdout(io.StringIO()) as out, contextlib.redirect_stderr(io.StringIO()):
-            result = bench.main(list(argv))
+            result = cli.main(list(argv))
         return result, out.getvalue()
 
     def test_tiny_run_reports_every_requested_method(self):

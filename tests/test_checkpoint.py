@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import persample
-from convert_models import NORM_PARAMS, Net, batch, float64_per_example_grads, make_net
+from convert_models import NORM_PARAMS, GroupNormAct, Net, batch, float64_per_example_grads, make_net
 from error_model import assert_all_track_stock
 
 
@@ -77,11 +77,31 @@ class TestCheckpoint(unittest.TestCase):
         self._check(use_reentrant=True)
 
     def test_compiled_non_reentrant(self):
-        # Dynamo refuses side effects inside a checkpointed region, and a routed module
-        # (a GroupNorm subclass here) enters and leaves its TorchFunctionMode there; the
-        # push and pop cancel, so not replaying them in the backward is safe.
-        with torch._dynamo.config.patch(skip_fwd_side_effects_in_bwd_under_checkpoint=True):
-            self._check(use_reentrant=False, compile={"fullgraph": True, "backend": "aot_eager"})
+        # The routed modules enter and leave their mode inside the checkpointed region,
+        # with no dynamo flag set (persample/convert.py, _unchecked).
+        self._check(use_reentrant=False, compile={"fullgraph": True, "backend": "aot_eager"})
+
+    def test_compiled_non_reentrant_refuses_module_side_effects(self):
+        # Only the mode's push and pop are let through: a side effect of the routed
+        # module's own code stays refused, as dynamo refuses it for any module.
+        calls = []
+
+        class Counting(GroupNormAct):
+            def forward(self, x):
+                calls.append(None)
+                return super().forward(x)
+
+        class Block(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.norm = Counting(8, 4)
+
+            def forward(self, x):
+                return checkpoint(self.norm, x, use_reentrant=False)
+
+        run = torch.compile(persample.convert_group_norm(Block()), fullgraph=True, backend="aot_eager")
+        with self.assertRaisesRegex(torch._dynamo.exc.Unsupported, "side effect"):
+            run(torch.randn(2, 8, 4, 4))
 
     def test_compiled_reentrant(self):
         # Dynamo runs a reentrant checkpoint as eager code (a graph break), so no fullgraph.

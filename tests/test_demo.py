@@ -12,7 +12,7 @@ import torch._dynamo.testing
 
 import persample
 from error_model import assert_all_track_stock
-from persample import demo
+from persample.bench import demo
 
 HAS_DEMO_DEPS = all(importlib.util.find_spec(m) for m in ("sklearn", "opacus", "tqdm"))
 

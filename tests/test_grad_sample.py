@@ -114,7 +114,7 @@ class TestCallForPerSampleGrads(unittest.TestCase):
         self.assertEqual(model.gn.weight.grad_sample.shape, (7, 5))
 
     def test_bad_arguments(self):
-        with self.assertRaisesRegex(ValueError, "no affine persample.nn.GroupNorm"):
+        with self.assertRaisesRegex(ValueError, "no persample norm layer"):
             persample.call_for_per_sample_grads(stock_model())
         with self.assertRaisesRegex(ValueError, "loss_reduction"):
             persample.call_for_per_sample_grads(persample.convert_group_norm(stock_model()), loss_reduction="max")

@@ -22,7 +22,7 @@ class TestWheel(unittest.TestCase):
             names = zipfile.ZipFile(os.path.join(tmp, wheel)).namelist()
         top = {n.split("/")[0] for n in names}
         self.assertEqual({t for t in top if not t.endswith(".dist-info")}, {"persample"})
-        for module in ("__init__", "nn", "grad_sample", "opacus", "bench", "demo", "__main__",
+        for module in ("__init__", "nn", "grad_sample", "opacus", "bench/__init__", "bench/demo", "__main__",
                        "ops/__init__", "ops/library", "ops/cpu", "ops/cuda", "meta/__init__",
                        "meta/group_norm"):
             self.assertIn(f"persample/{module}.py", names)

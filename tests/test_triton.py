@@ -371,10 +371,10 @@ class TestRouting(TestCase):
 
     def test_disabled_or_missing_triton_falls_back_to_aten(self):
         x = make_input((2, 4, 3), None)
-        with mock.patch.object(cuda, "_launch", None), \
+        with mock.patch.dict(cuda._modules, clear=True), \
                 mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_TRITON": "1"}):
             self.assertIsNone(cuda.triton_launch())
-        with mock.patch.object(cuda, "_launch", None), \
+        with mock.patch.dict(cuda._modules, clear=True), \
                 mock.patch.dict(sys.modules, {"persample.ops.triton_launch": None}):
             with self.assertWarnsRegex(UserWarning, "triton is not available"):
                 self.assertIsNone(cuda.triton_launch())

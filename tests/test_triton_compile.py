@@ -5,9 +5,10 @@ tests/test_triton.py runs the kernels in triton's interpreter, which executes th
 Python and so misses what only the compiler decides: vector width, registers, spills.
 tests/triton_aot.py captures the launches that ops/triton_launch.py makes at the
 benchmark shapes (fp32 and bf16, contiguous and channels_last, the tile and split
-plans) and compiles each, in a fresh process without ``TRITON_INTERPRET``
-(under it, triton decorates functions for the interpreter, not the compiler). This
-test asserts, for every compiled kernel:
+plans) and those that ops/triton_row_norm.py makes at transformer shapes (layer_norm
+and rms_norm, rows held in registers and swept), and compiles each, in a fresh process
+without ``TRITON_INTERPRET`` (under it, triton decorates functions for the interpreter,
+not the compiler). This test asserts, for every compiled kernel:
 
 - no local memory and no stack frame (nothing spilled);
 - registers for at least two programs per SM (64K registers an SM);
@@ -30,6 +31,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 REGISTERS_PER_SM = 65536
 MERGES = {"forward_merge", "backward_merge"}
+ROW_KERNELS = {"forward_rows", "backward_rows", "forward_swept", "backward_swept", "param_merge"}
 
 
 @unittest.skipIf(importlib.util.find_spec("triton") is None, "triton is not installed (pip install triton)")
@@ -49,7 +51,7 @@ class TestCompiledForSm90(unittest.TestCase):
         return f"{row['kernel']} {row['shape']} {row['dtype']} {row['layout']} {row['constexprs']}"
 
     def test_every_plan_kind_compiled(self):
-        kernels = {row["kernel"] for row in self.rows}
+        kernels = {row["kernel"] for row in self.rows if row["op"] == "group_norm"}
         self.assertEqual(kernels, {"forward_tile", "backward_tile", "forward_partial", "forward_merge",
                                    "forward_normalize", "backward_partial", "backward_merge",
                                    "backward_grad_input"})
@@ -57,6 +59,13 @@ class TestCompiledForSm90(unittest.TestCase):
                  for row in self.rows if row["kernel"] == "backward_tile"}
         self.assertIn((True, False), plans)  # a block held in registers
         self.assertIn((False, False), plans)  # a block swept
+
+    def test_every_row_norm_kernel_compiled(self):
+        rows = [row for row in self.rows if row["op"] == "row_norm"]
+        self.assertEqual({row["kernel"] for row in rows}, ROW_KERNELS)
+        for kernel in ("forward_rows", "backward_rows"):  # both dtypes, both ops
+            self.assertEqual({(row["dtype"], row["layout"]) for row in rows if row["kernel"] == kernel},
+                             {(dt, op) for dt in ("float32", "bfloat16") for op in ("layer_norm", "rms_norm")})
 
     def test_nothing_spills(self):
         for row in self.rows:

@@ -19,12 +19,16 @@ import subprocess
 import sys
 import tempfile
 
-# Shapes (N, C, H, W, G): the kernel benchmark's four (persample/bench_kernels.py),
+# Shapes (N, C, H, W, G): the kernel benchmark's four (persample/bench/kernels.py),
 # a group larger than a chunk with too few groups to fill the GPU (the split kernels),
 # and small groups batched to a program. Not here: groups wider than a chunk with few
 # positions (channel blocks, e.g. 4 x 8192 x 2 x 2 with G = 1), which spill (issue 16).
 SHAPES = [(128, 128, 64, 64, 32), (256, 256, 32, 32, 32), (64, 512, 32, 32, 32),
           (512, 64, 32, 32, 16), (2, 64, 128, 128, 32), (64, 256, 8, 8, 128)]
+
+# Row norms (layer_norm, rms_norm) as [N, M, D]: transformer shapes, whose rows a program
+# holds in registers, and rows wider than that (D = 4096: the swept kernels).
+ROW_SHAPES = [(16, 128, 768), (8, 512, 1024), (64, 64, 384), (4, 128, 4096)]
 
 
 def capture():
@@ -56,9 +60,35 @@ def capture():
                     layout = "channels_last" if fmt == torch.channels_last else "contiguous"
                     for fn, args, kwargs in log[start:]:
                         launches.append((fn.__name__, fn, args, kwargs, shape, str(dtype)[6:], layout))
+        launches += _capture_row_norms(log)
         return launches
     finally:
         JITFunction.run = original
+
+
+def _capture_row_norms(log):
+    """The row norms' launches (ops/triton_row_norm.py), ``layout`` naming the op: a
+    per-sample weight and a shared bias, every gradient."""
+    import torch
+
+    from persample.ops import triton_row_norm
+
+    launches = []
+    for shape in ROW_SHAPES:
+        n, _, d = shape
+        for dtype in (torch.float32, torch.bfloat16):
+            for rms in (False, True):
+                x = torch.empty(shape, dtype=dtype)
+                weight = torch.empty((n, d), dtype=dtype)
+                stats = torch.empty(shape[:2], dtype=torch.float32)
+                start = len(log)
+                triton_row_norm.forward(x, weight, None if rms else weight[0], rms, 1e-5)
+                triton_row_norm.backward(x, x, None if rms else stats, stats, weight, rms,
+                                         [True, True, not rms])
+                op = "rms_norm" if rms else "layer_norm"
+                for fn, args, kwargs in log[start:]:
+                    launches.append((fn.__name__, fn, args, kwargs, shape, str(dtype)[6:], op))
+    return launches
 
 
 def resources(cubin):
@@ -102,7 +132,8 @@ def compile_all():
             continue
         compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
                                   options=options.__dict__)
-        row = {"kernel": name, "shape": shape, "dtype": dtype, "layout": layout,
+        row = {"kernel": name, "op": "row_norm" if layout.endswith("_norm") else "group_norm",
+               "shape": shape, "dtype": dtype, "layout": layout,
                "num_warps": options.num_warps, "num_stages": options.num_stages,
                "constexprs": {fn.arg_names[k[0]]: v for k, v in constexprs.items()
                               if len(k) == 1 and isinstance(v, (int, bool))},

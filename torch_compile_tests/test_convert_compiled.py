@@ -41,11 +41,15 @@ class TestConvertCompiled(unittest.TestCase):
             assert_tracks_stock(out.detach(), self.stock(self.x), self.stock.double()(self.x.double()), "output")
 
     def test_export(self):
-        ep = torch.export.export(self.model.eval(), (self.x,))
-        self.assertEqual(ep.graph_module.code.count("torch.ops.persample.group_norm.default"), GROUP_NORMS)
-        self.assertNotIn("aten.group_norm", ep.graph_module.code)
         with torch.no_grad():
-            assert_tracks_stock(ep.module()(self.x), self.stock(self.x), self.stock.double()(self.x.double()), "output")
+            want = self.stock(self.x), copy.deepcopy(self.stock).double()(self.x.double())
+        for strict in (False, True):
+            with self.subTest(strict=strict):
+                ep = torch.export.export(self.model.eval(), (self.x,), strict=strict)
+                self.assertEqual(ep.graph_module.code.count("torch.ops.persample.group_norm.default"), GROUP_NORMS)
+                self.assertNotIn("aten.group_norm", ep.graph_module.code)
+                with torch.no_grad():
+                    assert_tracks_stock(ep.module()(self.x), *want, "output")
 
     def test_call_for_per_sample_grads(self):
         compiled = torch.compile(self.model, fullgraph=True)

@@ -21,7 +21,8 @@ from torch.export import Dim
 from torch.testing import FileCheck
 
 import persample
-from persample import model_methods, models
+from persample import models
+from persample.bench import model_methods
 from tests.error_model import assert_all_track_stock
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None

@@ -35,6 +35,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "moments.h"  // the reductions shared with the row norms
+
 namespace persample_cpu {
 
 template <typename T>
@@ -46,32 +48,6 @@ struct ForwardArgs {
   double eps;
   T *y, *mean, *rstd;
 };
-
-// Chan's update of a running (mean, M2) over `seen` elements with a block's.
-inline void merge(double& mean, double& m2, double seen, double added, double block_mean,
-                  double block_m2) {
-  const double w = added / (seen + added), delta = block_mean - mean;
-  mean += delta * w;
-  m2 += block_m2 + delta * delta * seen * w;
-}
-
-// A block's sums of x - pivot and (x - pivot)^2, merged into a running (mean, M2)
-// relative to the pivot. The pivot is the mean of the first elements, so that the M2,
-// s2 - s1^2 / n, cancels little: a pivot k std away from the mean would cost T's
-// rounding times (1 + k^2).
-inline void merge_sums(double& mean, double& m2, int64_t seen, int64_t added, double s1,
-                       double s2) {
-  const double n = static_cast<double>(added), block_mean = s1 / n;
-  merge(mean, m2, static_cast<double>(seen), n, block_mean, std::max(0.0, s2 - s1 * block_mean));
-}
-
-template <typename T>
-inline T block_mean(const T* __restrict__ x, int64_t n) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t l = 0; l < n; ++l) sum += x[l];
-  return sum / static_cast<T>(n);
-}
 
 // One channels_last row's shifted sums, and its output. Functions with restrict
 // parameters: GCC does not vectorise these loops over scratch arrays that are offsets
@@ -168,25 +144,12 @@ void forward_channels_last_sample(const ForwardArgs<T>& a, int64_t i,
 // Contiguous, group ig = (n, g): D * L consecutive elements. Scratch: 2D Ts.
 template <typename T>
 void forward_contiguous_group(const ForwardArgs<T>& a, int64_t ig, T* tbuf) {
-  constexpr int64_t kBlock = 1024;  // elements
   const int64_t d = a.c / a.groups, length = a.length, size = d * length;
   const int64_t i = ig / a.groups, j0 = (ig % a.groups) * d;
   const T* __restrict__ x_g = a.x + ig * size;
-  const T pivot = block_mean(x_g, std::min<int64_t>(size, 64));
-  double run_mean = 0, run_m2 = 0;  // relative to the pivot
-  for (int64_t l0 = 0; l0 < size; l0 += kBlock) {
-    const int64_t l1 = std::min(size, l0 + kBlock);
-    T s1 = 0, s2 = 0;
-#pragma omp simd reduction(+ : s1, s2)
-    for (int64_t l = l0; l < l1; ++l) {
-      const T dev = x_g[l] - pivot;
-      s1 += dev;
-      s2 += dev * dev;
-    }
-    merge_sums(run_mean, run_m2, l0, l1 - l0, s1, s2);
-  }
-  const double mean = run_mean + static_cast<double>(pivot);
-  const double rstd = 1.0 / std::sqrt(run_m2 / static_cast<double>(size) + a.eps);
+  double mean, m2;
+  contiguous_moments(x_g, size, mean, m2);
+  const double rstd = 1.0 / std::sqrt(m2 / static_cast<double>(size) + a.eps);
   T *k_row = tbuf, *b_row = tbuf + d;
   const T hi = store_group(a, ig, mean, rstd,
                            a.gamma ? a.gamma + i * a.gamma_row_stride + j0 : nullptr,
@@ -327,29 +290,6 @@ void backward_channels_last_sample(const BackwardArgs<T>& a, int64_t i,
   if (!a.grad_input) return;
   for (int64_t l = 0; l < length; ++l) {
     grad_row(dy_i + l * c, x_i + l * c, m, k1, k2, k3, a.grad_input + (i * length + l) * c, c);
-  }
-}
-
-// sum(dy * (x - mean)), sum(dy) and sum(x - mean) over one contiguous row (omp simd
-// licenses the reassociation that vectorising a reduction needs).
-template <typename T>
-inline void row_sums(const T* __restrict__ dy, const T* __restrict__ x, T mean, int64_t length,
-                     double& dyx, double& dy_sum, double& x_dev) {
-  constexpr int64_t kBlock = 1024;
-  dyx = dy_sum = x_dev = 0;
-  for (int64_t l0 = 0; l0 < length; l0 += kBlock) {
-    const int64_t l1 = std::min(length, l0 + kBlock);
-    T block_dyx = 0, block_dy = 0, block_x = 0;
-#pragma omp simd reduction(+ : block_dyx, block_dy, block_x)
-    for (int64_t l = l0; l < l1; ++l) {
-      const T dev = x[l] - mean;
-      block_dyx += dy[l] * dev;
-      block_dy += dy[l];
-      block_x += dev;
-    }
-    dyx += block_dyx;
-    dy_sum += block_dy;
-    x_dev += block_x;
   }
 }
 

@@ -1,4 +1,5 @@
-"""``python -m persample.bench``: per-sample GroupNorm gradients, against every peer.
+"""``python -m persample.bench``, the default suite: one GroupNorm layer's per-sample
+gradients, against every peer.
 
 For every shape it times one forward+backward of each method, interleaved round by
 round in one process (the order rotates each round, so that caches and the allocator
@@ -7,7 +8,6 @@ to plain ``nn.GroupNorm``, which computes no per-sample gradients and is the flo
 All other methods produce the ``[N, C]`` per-sample weight and bias gradients.
 """
 
-import argparse
 import ctypes
 import json
 import math
@@ -16,9 +16,8 @@ import statistics
 
 import torch
 
-from . import bench_models
+from ..ops import eager
 from . import methods as M
-from .ops import eager
 from .timing import time_interleaved
 
 SHAPES = [  # (N, C, H, W, G), channels_last: the BRIEF's table, plus channels_last
@@ -151,33 +150,10 @@ def plot(rows, path):
     fig.savefig(path, dpi=110)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m persample.bench", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="two small shapes, few rounds (< 2 min)")
-    parser.add_argument("--rounds", type=int, help="timed rounds per method")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--kernels", action="store_true",
-                        help="the kernel-bound CUDA suite instead (persample.bench_kernels)")
-    parser.add_argument("--check", action="store_true",
-                        help="with --kernels: a float64 correctness sweep first (persample.gpu_check)")
-    parser.add_argument("--tune", action="store_true",
-                        help="with --kernels: time the kernels' geometry knobs first, and use the best")
-    parser.add_argument("--methods", help="comma-separated subset of: " + ",".join(M.METHODS))
-    parser.add_argument("--json", metavar="PATH", help="write the figures as JSON")
-    parser.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
-    parser.add_argument("--model", choices=list(bench_models.MODELS),
-                        help="time one whole DP-SGD step of this model per method instead (persample.bench_models)")
-    parser.add_argument("--batch-size", type=int, help="with --model: the batch (default 8 on CPU, 64 on CUDA)")
-    args = parser.parse_args(argv)
-    if args.kernels:
-        from . import bench_kernels
-
-        return bench_kernels.main(args, parser)
+def main(args, parser):
+    """The suite, from ``persample.bench``'s parsed arguments (``methods``, ``rounds``,
+    ``quick``, ``device``, ``json``, ``plot``)."""
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-    if args.model:
-        return bench_models.main(args)
     wanted = args.methods.split(",") if args.methods else list(M.METHODS)
     unknown = set(wanted) - set(M.METHODS)
     if unknown:
@@ -202,7 +178,3 @@ def main(argv=None):
             json.dump({"header": header, "rows": rows, "geomean_ratio_to_plain": summary(rows)}, f, indent=1)
     if args.plot:
         plot(rows, args.plot)
-
-
-if __name__ == "__main__":
-    main()

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 import persample
 
-from . import models
+from .. import models
 from .demo import clip_factors
-from .grad_sample import call_for_per_sample_grads, per_sample_layers
+from ..grad_sample import call_for_per_sample_grads, per_sample_layers
 from .methods import Unavailable
 
 MAX_GRAD_NORM, NOISE_MULTIPLIER, LR = 1.0, 1.0, 0.1

@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from .ops import cuda
+from ..ops import cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: triton's interpreter (tests)
 
@@ -126,7 +126,7 @@ def run(workers=8):
     import subprocess
     import sys
 
-    code = "import sys, persample.gpu_check as g; g._worker(int(sys.argv[1]), int(sys.argv[2]))"
+    code = "import sys, persample.bench.gpu_check as g; g._worker(int(sys.argv[1]), int(sys.argv[2]))"
     procs = [subprocess.Popen([sys.executable, "-P", "-c", code, str(i), str(workers)],
                               stdout=subprocess.PIPE, text=True) for i in range(workers)]
     results = []

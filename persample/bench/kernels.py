@@ -19,8 +19,8 @@ contiguous and channels_last:
   ``nn.GroupNorm`` (plain, no per-sample gradients), ``persample.group_norm`` with
   ``[N, C]`` weight and bias leaves, and torch's ExpandedWeights.
 
-``--check`` first runs a float64 correctness sweep on the GPU (persample.gpu_check);
-``--tune`` then times the geometry knobs of ops/triton_launch.py (persample.bench_tune).
+``--check`` first runs a float64 correctness sweep on the GPU (persample.bench.gpu_check);
+``--tune`` then times the geometry knobs of ops/triton_launch.py (persample.bench.tune).
 """
 
 import math
@@ -30,7 +30,7 @@ import torch
 
 import persample
 
-from .ops import cuda
+from ..ops import cuda
 
 SHAPES = [(128, 128, 64, 64, 32), (256, 256, 32, 32, 32), (64, 512, 32, 32, 32),
           (512, 64, 32, 32, 16), (2, 64, 128, 128, 32), (8, 512, 64, 64, 32)]
@@ -284,7 +284,7 @@ def main(args, parser):
 
     import triton
 
-    from . import bench_tune, gpu_check
+    from . import gpu_check, tune
 
     def save(result):
         if args.json:
@@ -293,17 +293,17 @@ def main(args, parser):
 
     launch = cuda.triton_launch()
     result = {"header": (f"torch {torch.__version__} | triton {triton.__version__} | "
-                         f"{torch.cuda.get_device_name()} | knobs {bench_tune.knobs(launch)}")}
+                         f"{torch.cuda.get_device_name()} | knobs {tune.knobs(launch)}")}
     if args.check:
         result["check"] = gpu_check.run()
         save(result)
     if args.tune:
-        result["tune"] = bench_tune.run(SHAPES[:4], DTYPES, also=SHAPES[4:])
+        result["tune"] = tune.run(SHAPES[:4], DTYPES, also=SHAPES[4:])
         save(result)
-        bench_tune.apply(launch, result["tune"]["best"])
+        tune.apply(launch, result["tune"]["best"])
         result["header"] += f" | tuned {result['tune']['best']}"
-    if not args.tune:  # the suite's own compilations, in parallel (see persample.bench_tune)
-        bench_tune.precompile(bench_tune.jobs([bench_tune.knobs(launch)], SHAPES, DTYPES))
+    if not args.tune:  # the suite's own compilations, in parallel (see persample.bench.tune)
+        tune.precompile(tune.jobs([tune.knobs(launch)], SHAPES, DTYPES))
     rounds = args.rounds or 12
     torch.manual_seed(0)
     result["rows"] = []

@@ -1,7 +1,7 @@
 """``python -m persample.bench --device cuda --kernels --tune``: times the geometry knobs
 of ops/triton_launch.py (chunk and register-tile sizes, warps, pipelining) on the GPU.
 
-Each configuration is timed kernel-only (persample.bench_kernels) on the benchmark
+Each configuration is timed kernel-only (persample.bench.kernels) on the benchmark
 shapes in fp32 and bf16, both layouts; the best is the one with the least total of
 those times. Each configuration compiles its own kernel variants; they are compiled
 first by worker processes in parallel (triton's on-disk cache then serves the timing
@@ -45,7 +45,7 @@ def precompile(jobs, workers=12):
     """Compiles the kernels of ``jobs`` (``(config, shape, dtype name, channels_last)``)
     in ``workers`` processes, one launch each: the same specialisations as the timing
     run's, into triton's on-disk cache. Returns the workers' exit codes."""
-    code = "import sys, persample.bench_tune as t; t._compile_jobs(eval(sys.argv[1]))"
+    code = "import sys, persample.bench.tune as t; t._compile_jobs(eval(sys.argv[1]))"
     procs = [subprocess.Popen([sys.executable, "-P", "-c", code, repr(jobs[w::workers])])
              for w in range(workers) if jobs[w::workers]]
     return [p.wait() for p in procs]
@@ -57,8 +57,8 @@ def jobs(configs, shapes, dtypes):
 
 
 def _compile_jobs(jobs):
-    from .bench_kernels import Case
-    from .ops import cuda
+    from .kernels import Case
+    from ..ops import cuda
 
     launch = cuda.triton_launch()
     for config, shape, dtype, cl in jobs:
@@ -74,8 +74,8 @@ def run(shapes, dtypes, also=()):
     """``{"configs": [...], "ms": [[per case] per config], "best": config}``; the
     kernels of every configuration at ``also``'s shapes are compiled too (the suite
     that follows runs them under the best)."""
-    from .bench_kernels import Case, kernel_times
-    from .ops import cuda
+    from .kernels import Case, kernel_times
+    from ..ops import cuda
 
     launch = cuda.triton_launch()
     saved = knobs(launch)

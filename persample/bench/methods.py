@@ -8,7 +8,7 @@ import torch
 
 import persample
 
-from .grad_sample import call_for_per_sample_grads
+from ..grad_sample import call_for_per_sample_grads
 
 
 class Unavailable(Exception):

@@ -1,4 +1,4 @@
-"""``python -m persample.bench_host``: where a CUDA step's host time goes.
+"""``python -m persample.bench.host``: where a CUDA step's host time goes.
 
 At shapes whose kernels take less time than the host needs to launch them, a step
 costs its host time. This times one forward+backward at a small shape (the GPU idles:
@@ -17,7 +17,7 @@ import torch
 
 import persample
 
-from .ops import cuda, eager
+from ..ops import cuda, eager
 
 
 def per_call_us(fn, iters=300):

@@ -1,6 +1,6 @@
 """``python -m persample.bench --model {wrn16-4,unet}``: one whole DP-SGD step, per method.
 
-Each method (``persample.model_methods``) runs the same private step on the same
+Each method (``persample.bench.model_methods``) runs the same private step on the same
 synthetic batch: per-sample gradients of every parameter, per-sample clipping, the sum,
 Gaussian noise and the SGD update. The methods are timed interleaved round by round in
 one process, in a rotating order, and reported as median ms, steps/s and the median

@@ -1,0 +1,5 @@
+"""``python -m persample.bench``: see :mod:`persample.bench.cli`."""
+
+from .cli import main
+
+main()
