@@ -18,7 +18,7 @@ def extension_setup():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return {}
-    # ops/eager.py's library_name(): one library per torch release.
+    # ops/shared/backends.py's library_name(): one library per torch release.
     tag = "_C_torch" + re.sub(r"\W", "_", torch.__version__)
 
     class BuildExt(BuildExtension):
@@ -36,8 +36,8 @@ def extension_setup():
             # OpenMP: at::parallel_for is inline and runs serially without it; the
             # library then links the libgomp.so.1 that torch has already loaded.
             CppExtension(f"persample.{tag}",
-                         ["ops/csrc/eager_group_norm.cpp", "ops/csrc/row_norm.cpp"],
-                         depends=["ops/csrc/cpu_kernels.h", "ops/csrc/moments.h",
+                         ["ops/csrc/group_norm.cpp", "ops/csrc/row_norm.cpp"],
+                         depends=["ops/csrc/group_norm_kernels.h", "ops/csrc/moments.h",
                                   "ops/csrc/row_norm_kernels.h"],
                          extra_compile_args=["-O3", "-fopenmp"],
                          extra_link_args=["-fopenmp"], optional=True)

@@ -7,13 +7,9 @@ size stays symbolic and never recompiles.
 
 import torch
 
-from persample.ops.checks import (
-    acc_dtype,
-    check_group_norm,
-    check_group_norm_backward,
-    grad_param_dtype,
-)
-from persample.ops.layout import output_memory_format
+from persample.ops.group_norm.checks import check_group_norm, check_group_norm_backward, grad_param_dtype
+from persample.ops.group_norm.layout import output_memory_format
+from persample.ops.shared.checks import acc_dtype
 
 
 @torch.library.register_fake("persample::group_norm")

@@ -4,8 +4,8 @@ dtypes and (contiguous) strides. No size is read as a Python int."""
 
 import torch
 
-from persample.ops.checks import acc_dtype
-from persample.ops.row_norm_checks import check_row_norm, check_row_norm_backward, stats_shape
+from persample.ops.shared.checks import acc_dtype
+from persample.ops.row_norm.checks import check_row_norm, check_row_norm_backward, stats_shape
 
 
 def _contiguous_like(input):

@@ -31,9 +31,9 @@ import torch.autograd.forward_ad as fwAD
 from torch._functorch.utils import enable_single_level_autograd_function
 from torch.autograd.function import _SingleLevelFunction
 
-from . import composite
 from .family import NORMS
 from .library import lib
+from .shared.derivatives import vjp_of
 
 _BELOW_AUTOGRAD = torch._C._after_autograd_keyset
 _KEY = torch._C.DispatchKey
@@ -215,7 +215,7 @@ class NormBackwardAutograd(_SingleLevelFunction):
         norm = ctx.norm
         grad_out, input, weight = ctx.saved_tensors
         kept = [t for t, keep in zip(cotangents, ctx.output_mask) if keep]
-        derivatives = composite.vjp_of(
+        derivatives = vjp_of(
             lambda go, x, w: norm.explicit_backward(go, x, w, ctx.config, ctx.eps, ctx.output_mask),
             grad_out, input, weight, norm.param_shape(input, ctx.config), kept,
         )

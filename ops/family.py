@@ -14,9 +14,9 @@ from typing import Callable
 
 import torch
 
-from . import composite, row_norm, row_norm_composite
-from .cpu import backward_cpu, group_norm_cpu
-from .cuda import backward_cuda, group_norm_cuda
+from .group_norm import composite
+from .group_norm.cpu import backward_cpu, group_norm_cpu
+from .group_norm.cuda import backward_cuda, group_norm_cuda
 from .library import (
     group_norm_backward_op,
     group_norm_op,
@@ -25,7 +25,9 @@ from .library import (
     rms_norm_backward_op,
     rms_norm_op,
 )
-from .row_norm_checks import rms_eps
+from .row_norm import composite as row_norm_composite
+from .row_norm import kernels as row_norm
+from .row_norm.checks import rms_eps
 
 _KEY = torch._C.DispatchKey
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import eager
+from .group_norm import eager
 from .library import group_norm_op, layer_norm_op, rms_norm_op
 
 

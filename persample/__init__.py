@@ -18,7 +18,7 @@ from .convert import (
     unrouted_group_norms,
     unrouted_norms,
 )
-from .ops import group_norm, layer_norm, rms_norm
+from .ops.functional import group_norm, layer_norm, rms_norm
 
 __all__ = [
     "group_norm",

@@ -29,9 +29,9 @@ import sys
 import torch
 from torch._subclasses.functional_tensor import FunctionalTensorMode
 
-from .ops.aten_kernels import empty_forward
-from .ops.checks import acc_dtype, check_group_norm, check_group_norm_backward, grad_param_dtype
-from .ops.layout import output_memory_format
+from .ops.group_norm.aten_kernels import empty_forward
+from .ops.group_norm.checks import check_group_norm, check_group_norm_backward, grad_param_dtype
+from .ops.group_norm.layout import output_memory_format
 from .ops.library import (
     group_norm_backward_op,
     group_norm_op,
@@ -40,7 +40,8 @@ from .ops.library import (
     rms_norm_backward_op,
     rms_norm_op,
 )
-from .ops.row_norm_checks import check_row_norm, check_row_norm_backward, rms_eps, rows, stats_shape
+from .ops.row_norm.checks import check_row_norm, check_row_norm_backward, rms_eps, rows, stats_shape
+from .ops.shared.checks import acc_dtype
 
 __all__ = [
     "DECOMPOSITIONS",
@@ -82,7 +83,7 @@ def group_norm_decomposition(input, num_groups, weight=None, bias=None, eps=1e-5
         return empty_forward(input, num_groups, fmt)
     n, c = input.shape[0], input.shape[1]
     x = input.to(acc_dtype(input.dtype)).reshape(n, num_groups, _group_size(input, num_groups))
-    # Not ops/composite.py's stats(): its var_mean is not a core ATen op, and the
+    # Not ops/group_norm/composite.py's stats(): its var_mean is not a core ATen op, and the
     # default core ATen table has no decomposition for it.
     var = torch.var(x, 2, correction=0, keepdim=True)
     mean = x.mean(2, keepdim=True)
@@ -102,7 +103,7 @@ def group_norm_backward_decomposition(
 ):
     """``persample::group_norm_backward`` as ATen ops, from the saved statistics.
 
-    Like the op's kernels (and unlike ``ops/composite.py``'s ``explicit_backward``,
+    Like the op's kernels (and unlike ``ops/group_norm/composite.py``'s ``explicit_backward``,
     which recomputes them to differentiate them), it normalises with the given
     ``mean`` and ``rstd``; ``eps`` is only validated.
 

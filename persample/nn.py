@@ -4,7 +4,7 @@ through the persample operators."""
 import torch
 
 from . import leaves
-from .ops import eager
+from .ops.group_norm import eager
 from .ops.functional import aten_group_norm, group_norm, use_aten
 from .ops.library import group_norm_op, layer_norm_op, rms_norm_op
 

@@ -17,9 +17,9 @@ import torch
 from opacus.grad_sample import register_grad_sampler
 
 from . import nn as _nn
-from .ops.composite import stats
+from .ops.group_norm.composite import stats
 from .ops.library import group_norm_backward_op, layer_norm_backward_op, rms_norm_backward_op
-from .ops.row_norm_composite import stats as row_stats
+from .ops.row_norm.composite import stats as row_stats
 
 __all__ = [
     "compute_group_norm_grad_sample",

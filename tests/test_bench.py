@@ -173,7 +173,7 @@ class TestGpuCheck(unittest.TestCase):
         from unittest import mock
 
         from persample.bench import gpu_check
-        from persample.ops import triton_launch
+        from persample.ops.group_norm import triton_launch
 
         kinds = set()
         for kind, knobs in gpu_check.FORCED.items():

@@ -1,7 +1,7 @@
 """The CUDA kernels: on a GPU when there is one, and their ATen bodies on CPU tensors
 (``aten_forward`` and ``aten_backward`` are plain ATen code), so that their math is
 covered on any machine. On a GPU, fp32/bf16/fp16 take the Triton kernels
-(ops/triton_kernels.py; tests/test_triton.py checks them kernel by kernel), and
+(ops/group_norm/triton_kernels.py; tests/test_triton.py checks them kernel by kernel), and
 TestTritonTransforms runs them under every transform."""
 
 import contextlib
@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 
 import persample
-from persample.ops import cuda, functional
-from persample.ops.checks import grad_param_dtype
-from persample.ops.cuda import group_norm_backward_cuda, group_norm_cuda
-from persample.ops.layout import output_memory_format
+from persample.ops import functional
+from persample.ops.group_norm import cuda
+from persample.ops.group_norm.checks import grad_param_dtype
+from persample.ops.group_norm.cuda import group_norm_backward_cuda, group_norm_cuda
+from persample.ops.group_norm.layout import output_memory_format
 from error_model import check_close, grad_input_scale
 from testcase import TestCase
 from samples import (
@@ -276,7 +277,7 @@ class TestTritonTransforms(TestCase):
 
     @contextlib.contextmanager
     def triton_runs(self, *names):
-        """The block calls these functions of ops/triton_launch.py."""
+        """The block calls these functions of ops/group_norm/triton_launch.py."""
         if self.device != "cuda":  # the CPU kernels (a dry run of the test's logic)
             yield
             return
@@ -300,7 +301,7 @@ class TestTritonTransforms(TestCase):
         self.assertEqual(cpu(got), expected, exact_dtype=False, **TOL[dtype])
 
     def test_eager_above_the_routing_threshold(self):
-        from persample.ops import eager
+        from persample.ops.group_norm import eager
 
         split = ((2, 4, 96, 96), 1)  # a 4 x 9216 group: swept, or split over programs
         for shape, groups in (((4, 6, 5, 7), 3), split):

@@ -1,4 +1,4 @@
-"""The C++ eager fast path (ops/csrc/eager_group_norm.cpp): it agrees with the public
+"""The C++ eager fast path (ops/csrc/group_norm.cpp): it agrees with the public
 op's Python kernels and with the float64 per-example reference, and it is taken exactly
 when it should be."""
 
@@ -15,7 +15,8 @@ import torch.autograd.forward_ad as fwAD
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import persample
-from persample.ops import eager
+from persample.ops.group_norm import eager
+from persample.ops.shared import backends
 from error_model import check_group_norm
 from samples import CASES, CL, CL3, TOL, group_norm_op, make_input, make_param, reference, stock_loop
 from testcase import TestCase, run_tests
@@ -59,11 +60,11 @@ class TestLibrary(unittest.TestCase):
         # (setup.py builds it as optional) cannot pass CI on the Python kernels alone.
         if os.environ.get("PERSAMPLE_REQUIRE_CPP") != "1":
             self.skipTest("PERSAMPLE_REQUIRE_CPP is not set")
-        self.assertTrue(BUILT, f"no {eager.library_name()}.so next to persample/__init__.py")
+        self.assertTrue(BUILT, f"no {backends.library_name()}.so next to persample/__init__.py")
 
     def test_disabled_by_environment(self):
         code = (
-            "import torch, persample; from persample.ops import eager; "
+            "import torch, persample; from persample.ops.group_norm import eager; "
             "x = torch.randn(2, 4, 3, requires_grad=True); "
             "y = persample.group_norm(x, 2); y.sum().backward(); "
             "print(eager.LIBRARY, y.grad_fn.name())"
@@ -79,25 +80,25 @@ class TestLibrary(unittest.TestCase):
     def test_unloadable_library_warns_and_falls_back(self):
         env = mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_CPP": "0"})
         with env, tempfile.TemporaryDirectory() as tmp:
-            self.assertIsNone(eager.load(tmp))  # not built: silent
-            with open(os.path.join(tmp, eager.library_name() + ".so"), "wb") as f:
+            self.assertIsNone(backends.load(tmp))  # not built: silent
+            with open(os.path.join(tmp, backends.library_name() + ".so"), "wb") as f:
                 f.write(b"not a shared library")
             with self.assertWarnsRegex(UserWarning, "using the Python kernels"):
-                self.assertIsNone(eager.load(tmp))
+                self.assertIsNone(backends.load(tmp))
 
     @unittest.skipUnless(BUILT, "the C++ library is not built")
     def test_stale_library_warns_and_falls_back(self):
         # A library built from an older checkout lacks the newer ops; loading it again
         # is harmless (the dispatcher keeps the registrations it has).
         package_dir = os.path.dirname(persample.__file__)
-        stale = mock.patch.object(eager, "_LIBRARY_OPS", eager._LIBRARY_OPS + ("_not_built_yet",))
+        stale = mock.patch.object(backends, "_LIBRARY_OPS", backends._LIBRARY_OPS + ("_not_built_yet",))
         with stale, mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_CPP": "0"}):
             with self.assertWarnsRegex(UserWarning, "is stale \\(no _not_built_yet\\); using the Python"):
-                self.assertIsNone(eager.load(package_dir))
+                self.assertIsNone(backends.load(package_dir))
 
     def test_library_name_per_torch_release(self):
-        self.assertEqual(eager.library_name("2.14.1+cu130"), "_C_torch2_14_1_cu130")
-        self.assertEqual(eager.library_name("2.13.0"), "_C_torch2_13_0")
+        self.assertEqual(backends.library_name("2.14.1+cu130"), "_C_torch2_14_1_cu130")
+        self.assertEqual(backends.library_name("2.13.0"), "_C_torch2_13_0")
 
 
 class AgreementTests:
@@ -263,7 +264,7 @@ class TestAgreement(AgreementTests, TestCase):
 @needs_library
 @unittest.skipUnless(torch.cuda.is_available(), "needs a CUDA device")
 class TestAgreementCUDA(AgreementTests, TestCase):
-    """On CUDA the library drives ATen's kernels on the per-sample view, as ops/cuda.py
+    """On CUDA the library drives ATen's kernels on the per-sample view, as ops/group_norm/cuda.py
     does, without the Python layers."""
 
     device = "cuda"

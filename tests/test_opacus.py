@@ -11,7 +11,7 @@ from error_model import assert_all_track_stock
 from samples import per_example_model_grads
 
 import persample
-from persample.ops import eager
+from persample.ops.group_norm import eager
 
 
 HAS_OPACUS = importlib.util.find_spec("opacus") is not None

@@ -23,8 +23,9 @@ class TestWheel(unittest.TestCase):
         top = {n.split("/")[0] for n in names}
         self.assertEqual({t for t in top if not t.endswith(".dist-info")}, {"persample"})
         for module in ("__init__", "nn", "grad_sample", "opacus", "bench/__init__", "bench/demo", "__main__",
-                       "ops/__init__", "ops/library", "ops/cpu", "ops/cuda", "meta/__init__",
-                       "meta/group_norm"):
+                       "ops/__init__", "ops/library", "ops/family", "ops/group_norm/cpu",
+                       "ops/group_norm/cuda", "ops/row_norm/kernels", "ops/row_norm/triton_launch",
+                       "ops/shared/backends", "meta/__init__", "meta/group_norm", "meta/row_norm"):
             self.assertIn(f"persample/{module}.py", names)
 
 

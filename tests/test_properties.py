@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import persample
-from persample.ops import eager
+from persample.ops.group_norm import eager
 import error_model
 from error_model import check_close, check_statistics
 from samples import group_norm_backward_op, group_norm_op, reference, stock_loop

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import persample
-from persample.ops import eager
+from persample.ops.group_norm import eager
 from error_model import check_group_norm
 from samples import group_norm_backward_op, group_norm_op, reference, stock_loop
 

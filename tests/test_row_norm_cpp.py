@@ -1,5 +1,5 @@
 """The fused C++ CPU kernels of the row norms (ops/csrc/row_norm_kernels.h), through the
-selectors of ops/eager.py, ``cpu_row_norm_forward`` and ``cpu_row_norm_backward``: on
+selectors of ops/row_norm/cpu.py, ``forward_kernel`` and ``backward_kernel``: on
 ``[N, M, D]`` inputs, against float64 references of the same rounded inputs, within
 twice stock PyTorch's own error (tests/error_model.py), stock being ``F.layer_norm`` and
 ``aten._fused_rms_norm`` called on one sample at a time, in the same dtype."""
@@ -13,13 +13,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import persample  # noqa: F401  (loads the library)
-from persample.ops import eager
+from persample.ops.row_norm import cpu as row_cpu
+from persample.ops.shared import backends
 from error_model import check_close, grad_input_scale, max_error
 from strategies import examples
 from testcase import TestCase, run_tests
 
 F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
-BUILT = eager.LIBRARY is not None
+BUILT = backends.LIBRARY is not None
 # scripts/test.sh sets this where it builds the library: a failed build must fail here.
 REQUIRED = os.environ.get("PERSAMPLE_REQUIRE_CPP") == "1"
 needs_library = unittest.skipUnless(BUILT or REQUIRED, "the C++ library is not built (see setup.py)")
@@ -112,8 +113,8 @@ def stock(x, dy, w, b, rms, eps):
 
 
 def fused(x, dy, w, b, rms, eps, mask=ALL):
-    forward = eager.cpu_row_norm_forward(x, w, b)
-    backward = eager.cpu_row_norm_backward(x, w)
+    forward = row_cpu.forward_kernel(x, w, b)
+    backward = row_cpu.backward_kernel(x, w)
     assert forward is not None and backward is not None, "the library's row-norm kernels are not loaded"
     y, mean, rstd = forward(x, w, b, rms, eps)
     return (y, mean, rstd, *backward(dy, x, mean, rstd, w, rms, mask))
@@ -141,7 +142,7 @@ class TestRowNormKernels(TestCase):
     def test_built_where_required(self):
         if not REQUIRED:
             self.skipTest("PERSAMPLE_REQUIRE_CPP is not set")
-        self.assertTrue(BUILT, f"no {eager.library_name()}.so next to persample/__init__.py")
+        self.assertTrue(BUILT, f"no {backends.library_name()}.so next to persample/__init__.py")
 
     def test_cases(self):
         # Size-1 dims; M = 1 (sums straight into the output); rows summed in blocks of
@@ -212,12 +213,12 @@ class TestRowNormKernels(TestCase):
     def test_selectors_decline(self):
         x = torch.randn(2, 3, 4)
         w64 = torch.randn(4, dtype=F64)
-        self.assertIsNone(eager.cpu_row_norm_forward(x, w64, None))
-        self.assertIsNone(eager.cpu_row_norm_backward(x, w64))
+        self.assertIsNone(row_cpu.forward_kernel(x, w64, None))
+        self.assertIsNone(row_cpu.backward_kernel(x, w64))
         xb = x.to(BF16)
-        self.assertIsNone(eager.cpu_row_norm_forward(xb, None, torch.randn(4, dtype=torch.float16)))
-        self.assertIsNotNone(eager.cpu_row_norm_forward(xb, torch.randn(4), xb[0, 0]))
-        self.assertIsNone(eager.cpu_row_norm_forward(x.to(torch.int32), None, None))
+        self.assertIsNone(row_cpu.forward_kernel(xb, None, torch.randn(4, dtype=torch.float16)))
+        self.assertIsNotNone(row_cpu.forward_kernel(xb, torch.randn(4), xb[0, 0]))
+        self.assertIsNone(row_cpu.forward_kernel(x.to(torch.int32), None, None))
 
 
 @needs_library

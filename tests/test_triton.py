@@ -1,7 +1,7 @@
-"""The Triton kernels (ops/triton_kernels.py) and their glue in ops/cuda.py, against the
+"""The Triton kernels (ops/group_norm/triton_kernels.py) and their glue in ops/group_norm/cuda.py, against the
 float64 per-example reference.
 
-Without a CUDA device, triton's interpreter runs them on CPU tensors, and ops/cuda.py
+Without a CUDA device, triton's interpreter runs them on CPU tensors, and ops/group_norm/cuda.py
 sends CPU tensors to them; tests/conftest.py switches the interpreter on before triton
 is first imported, which is when triton reads ``TRITON_INTERPRET``. On a GPU the same
 tests run the compiled kernels on CUDA tensors. The interpreter costs ~10 ms per
@@ -26,9 +26,10 @@ triton = pytest.importorskip("triton", reason="triton is not installed (pip inst
 
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
-from persample.ops import cuda, eager, triton_kernels, triton_launch  # noqa: E402
-from persample.ops.checks import grad_param_dtype  # noqa: E402
-from persample.ops.layout import output_memory_format  # noqa: E402
+from persample.ops.group_norm import cuda, eager, triton_kernels, triton_launch  # noqa: E402
+from persample.ops.shared import backends  # noqa: E402
+from persample.ops.group_norm.checks import grad_param_dtype  # noqa: E402
+from persample.ops.group_norm.layout import output_memory_format  # noqa: E402
 from samples import CL, CL3, reference  # noqa: E402
 from testcase import TestCase  # noqa: E402
 
@@ -38,7 +39,7 @@ SPLIT = {"forward_partial", "forward_merge", "forward_normalize",
          "backward_partial", "backward_merge", "backward_grad_input"}
 ALL_MASKS = [list(m) for m in itertools.product((True, False), repeat=3)]
 
-# Knobs of ops/triton_launch.py that force each kind of plan at these tiny shapes.
+# Knobs of ops/group_norm/triton_launch.py that force each kind of plan at these tiny shapes.
 KINDS = {
     "single": {},  # the defaults: every tiny block is held in registers
     "swept": dict(REGISTER_ELEMENTS=1, CHUNK_ELEMENTS=8, PROGRAMS_PER_SM=0),
@@ -69,7 +70,7 @@ def make_input(shape, fmt, dtype=F32, seed=0):
     x = torch.randn(shape, dtype=dtype, device=DEVICE)
     # .to(memory_format=...), not .contiguous(...): where size-1 dims make a tensor dense
     # in both formats (C = 1, H = W = 1), it gives it channels_last strides, which
-    # .contiguous(...) leaves as they are: the ambiguity that ops/layout.py resolves.
+    # .contiguous(...) leaves as they are: the ambiguity that ops/group_norm/layout.py resolves.
     return x if fmt is None else x.to(memory_format=fmt)
 
 
@@ -138,7 +139,7 @@ def cpu(t):
 
 class TritonTestCase(TestCase):
     def run_both(self, x, groups, w, b, grad_out, masks=([True, True, True],), eps=1e-5):
-        """Forward and backward (every mask in ``masks``) through ops/cuda.py's kernels;
+        """Forward and backward (every mask in ``masks``) through ops/group_norm/cuda.py's kernels;
         returns the float64 reference and the results."""
         out, mean, rstd = cuda.group_norm_cuda(x, groups, w, b, eps)
         grads = [cuda.group_norm_backward_cuda(grad_out, x, mean, rstd, w, groups, m) for m in masks]
@@ -371,11 +372,11 @@ class TestRouting(TestCase):
 
     def test_disabled_or_missing_triton_falls_back_to_aten(self):
         x = make_input((2, 4, 3), None)
-        with mock.patch.dict(cuda._modules, clear=True), \
+        with mock.patch.dict(backends._modules, clear=True), \
                 mock.patch.dict(os.environ, {"PERSAMPLE_DISABLE_TRITON": "1"}):
             self.assertIsNone(cuda.triton_launch())
-        with mock.patch.dict(cuda._modules, clear=True), \
-                mock.patch.dict(sys.modules, {"persample.ops.triton_launch": None}):
+        with mock.patch.dict(backends._modules, clear=True), \
+                mock.patch.dict(sys.modules, {"persample.ops.group_norm.triton_launch": None}):
             with self.assertWarnsRegex(UserWarning, "triton is not available"):
                 self.assertIsNone(cuda.triton_launch())
             with launches() as log:

@@ -3,9 +3,9 @@ them, without a GPU, and the machine code is what the occupancy plan assumes.
 
 tests/test_triton.py runs the kernels in triton's interpreter, which executes their
 Python and so misses what only the compiler decides: vector width, registers, spills.
-tests/triton_aot.py captures the launches that ops/triton_launch.py makes at the
+tests/triton_aot.py captures the launches that ops/group_norm/triton_launch.py makes at the
 benchmark shapes (fp32 and bf16, contiguous and channels_last, the tile and split
-plans) and those that ops/triton_row_norm.py makes at transformer shapes (layer_norm
+plans) and those that ops/row_norm/triton_launch.py makes at transformer shapes (layer_norm
 and rms_norm, rows held in registers and swept), and compiles each, in a fresh process
 without ``TRITON_INTERPRET`` (under it, triton decorates functions for the interpreter,
 not the compiler). This test asserts, for every compiled kernel:

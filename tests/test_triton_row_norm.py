@@ -1,5 +1,5 @@
-"""The row norms' Triton kernels (ops/triton_row_norm.py, the launches of
-ops/triton_row_norm_kernels.py) against float64 references computed here, bounded by
+"""The row norms' Triton kernels (ops/row_norm/triton_launch.py, the launches of
+ops/row_norm/triton_kernels.py) against float64 references computed here, bounded by
 tests/error_model.py against stock ``layer_norm`` / ``_fused_rms_norm`` in the same dtype.
 
 Without a CUDA device, triton's interpreter runs them on CPU tensors (tests/conftest.py
@@ -27,8 +27,9 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from error_model import check_close, grad_input_scale  # noqa: E402
-from persample.ops import triton_row_norm, triton_row_norm_kernels  # noqa: E402
-from persample.ops.triton_common import NOMINAL_SMS  # noqa: E402
+from persample.ops.row_norm import triton_kernels as triton_row_norm_kernels  # noqa: E402
+from persample.ops.row_norm import triton_launch as triton_row_norm  # noqa: E402
+from persample.ops.shared.triton_helpers import NOMINAL_SMS  # noqa: E402
 from strategies import examples  # noqa: E402
 from test_triton import _round_bf16_to_nearest, _Spy  # noqa: E402
 from testcase import TestCase  # noqa: E402

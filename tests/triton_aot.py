@@ -1,4 +1,4 @@
-"""Compile the launches that ops/triton_launch.py really makes for an H200 (sm_90),
+"""Compile the launches that ops/group_norm/triton_launch.py really makes for an H200 (sm_90),
 without a GPU, and report what the machine code does: vector or scalar global memory
 access, registers, spills (stack, local memory), shared memory and warps.
 
@@ -36,7 +36,7 @@ def capture():
     import torch
     from triton.runtime.jit import JITFunction
 
-    from persample.ops import triton_launch
+    from persample.ops.group_norm import triton_launch
 
     log = []
     original = JITFunction.run
@@ -67,11 +67,11 @@ def capture():
 
 
 def _capture_row_norms(log):
-    """The row norms' launches (ops/triton_row_norm.py), ``layout`` naming the op: a
+    """The row norms' launches (ops/row_norm/triton_launch.py), ``layout`` naming the op: a
     per-sample weight and a shared bias, every gradient."""
     import torch
 
-    from persample.ops import triton_row_norm
+    from persample.ops.row_norm import triton_launch as triton_row_norm
 
     launches = []
     for shape in ROW_SHAPES:

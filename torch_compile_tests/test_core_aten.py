@@ -35,7 +35,7 @@ BACKWARD_OP = "torch.ops.persample.group_norm_backward.default"
 
 
 def _significant_strides(t):
-    # Strides of size-1 dimensions say nothing about the layout (ops/layout.py).
+    # Strides of size-1 dimensions say nothing about the layout (ops/group_norm/layout.py).
     return [s for s, n in zip(t.stride(), t.shape) if n > 1]
 
 

@@ -1,4 +1,4 @@
-// Reductions shared by persample's fused CPU kernels: GroupNorm's (cpu_kernels.h) and
+// Reductions shared by persample's fused CPU kernels: GroupNorm's (group_norm_kernels.h) and
 // the row norms' (row_norm_kernels.h), as ATen's norms share cpu/moments_utils.h.
 //
 // Why these forms (read the kernels' headers for the measurements): sums run in T over

@@ -1,6 +1,6 @@
 // The fused CPU kernels of persample's row norms (row_norm_kernels.h, read why there),
 // lent to the CPU kernels of persample::layer_norm and persample::rms_norm as two
-// private ops, which ops/eager.py's cpu_row_norm_forward / cpu_row_norm_backward pick.
+// private ops, which ops/row_norm/cpu.py's forward_kernel / backward_kernel pick.
 // The callers have validated the call and
 // flattened it to [N, M, D]: these check only what would make the kernels read out of
 // bounds. fp16 and bf16 inputs compute in fp32: their statistics, parameter gradients

@@ -265,7 +265,7 @@ inline void backward_one_row(const RowBackwardArgs<S>& a, int64_t r, const acc_t
   if constexpr (kGI) {
     // A LayerNorm row of one element: its output is beta whatever x is, so dx = 0,
     // exactly, where the formula cancels only to T's rounding of g * rstd (large:
-    // rstd = 1/sqrt(eps); cpu_kernels.h's finish_group, issue 19).
+    // rstd = 1/sqrt(eps); group_norm_kernels.h's finish_group, issue 19).
     if (!a.rms && d == 1) dx[0] = T(0);
     row_out(dx, a.grad_input + r * d, d);
   }

@@ -16,11 +16,11 @@ import itertools
 
 import torch
 
-from ..ops import cuda
+from ..ops.group_norm import cuda
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: triton's interpreter (tests)
 
-FORCED = {  # plan kind -> knobs of ops/triton_launch.py that force it at these shapes
+FORCED = {  # plan kind -> knobs of ops/group_norm/triton_launch.py that force it at these shapes
     "default": {},
     "swept": dict(REGISTER_ELEMENTS=16, PROGRAMS_PER_SM=0),
     "split": dict(REGISTER_ELEMENTS=16, CHUNK_ELEMENTS=64, PROGRAMS_PER_SM=1 << 20),

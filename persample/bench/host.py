@@ -17,7 +17,7 @@ import torch
 
 import persample
 
-from ..ops import cuda, eager
+from ..ops.group_norm import cuda, eager
 
 
 def per_call_us(fn, iters=300):

@@ -20,7 +20,7 @@ contiguous and channels_last:
   ``[N, C]`` weight and bias leaves, and torch's ExpandedWeights.
 
 ``--check`` first runs a float64 correctness sweep on the GPU (persample.bench.gpu_check);
-``--tune`` then times the geometry knobs of ops/triton_launch.py (persample.bench.tune).
+``--tune`` then times the geometry knobs of ops/group_norm/triton_launch.py (persample.bench.tune).
 """
 
 import math
@@ -30,7 +30,7 @@ import torch
 
 import persample
 
-from ..ops import cuda
+from ..ops.group_norm import cuda
 
 SHAPES = [(128, 128, 64, 64, 32), (256, 256, 32, 32, 32), (64, 512, 32, 32, 32),
           (512, 64, 32, 32, 16), (2, 64, 128, 128, 32), (8, 512, 64, 64, 32)]

@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from ..ops import eager
+from ..ops.group_norm import eager
 from . import methods as M
 from .timing import time_interleaved
 

@@ -260,7 +260,7 @@ def main(args):
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     header = (f"torch {torch.__version__} | device {device} ({name}) | threads {torch.get_num_threads()} | "
-              f"C++ eager path {'built' if persample.ops.eager.LIBRARY else 'not built'}")
+              f"C++ eager path {'built' if persample.ops.shared.backends.LIBRARY else 'not built'}")
     start = time.perf_counter()
     result = run(args.model, device=args.device, batch_size=args.batch_size, rounds=args.rounds,
                  methods=methods)

@@ -1,5 +1,5 @@
 """``python -m persample.bench --device cuda --kernels --tune``: times the geometry knobs
-of ops/triton_launch.py (chunk and register-tile sizes, warps, pipelining) on the GPU.
+of ops/group_norm/triton_launch.py (chunk and register-tile sizes, warps, pipelining) on the GPU.
 
 Each configuration is timed kernel-only (persample.bench.kernels) on the benchmark
 shapes in fp32 and bf16, both layouts; the best is the one with the least total of
@@ -58,7 +58,7 @@ def jobs(configs, shapes, dtypes):
 
 def _compile_jobs(jobs):
     from .kernels import Case
-    from ..ops import cuda
+    from ..ops.group_norm import cuda
 
     launch = cuda.triton_launch()
     for config, shape, dtype, cl in jobs:
@@ -75,7 +75,7 @@ def run(shapes, dtypes, also=()):
     kernels of every configuration at ``also``'s shapes are compiled too (the suite
     that follows runs them under the best)."""
     from .kernels import Case, kernel_times
-    from ..ops import cuda
+    from ..ops.group_norm import cuda
 
     launch = cuda.triton_launch()
     saved = knobs(launch)

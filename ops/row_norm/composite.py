@@ -1,11 +1,11 @@
 """Row-norm derivatives that the kernels do not provide, as ATen ops: forward-mode AD of
 the forward ops, and the explicit backward that double backward differentiates (read
-ops/composite.py, the group_norm counterpart, for why the statistics are recomputed)."""
+ops/group_norm/composite.py, the group_norm counterpart, for why the statistics are recomputed)."""
 
 import torch
 
-from .checks import acc_dtype
-from .row_norm_checks import rms_eps, rows, stats_shape
+from ..shared.checks import acc_dtype
+from .checks import rms_eps, rows, stats_shape
 
 
 def _rows(input, normalized_shape):

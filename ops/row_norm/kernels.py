@@ -8,7 +8,7 @@ one sample, ``[N, D]``, where the stock layers sum over all N*M rows.
 
 Three implementations share one contract (``forward``/``backward`` below, on the
 ``[N, M, D]`` view): the C++ library's fused CPU kernels (ops/csrc/row_norm*, via
-ops/eager.py), the Triton kernels on CUDA (ops/triton_row_norm.py), and the ATen-op
+ops/row_norm/cpu.py), the Triton kernels on CUDA (ops/row_norm/triton_launch.py), and the ATen-op
 formulas here, which serve every call the other two do not (no library, no triton,
 fp64 on CUDA). Inputs that are not contiguous are copied, and the output and grad_input
 are contiguous, as ``aten::native_layer_norm`` gives them.
@@ -16,10 +16,11 @@ are contiguous, as ``aten::native_layer_norm`` gives them.
 
 import torch
 
-from . import cuda, eager
-from .checks import acc_dtype
-from .library import lib
-from .row_norm_checks import check_row_norm, check_row_norm_backward, rms_eps, rows, stats_shape
+from ..library import lib
+from ..shared import backends
+from ..shared.checks import acc_dtype
+from . import cpu
+from .checks import check_row_norm, check_row_norm_backward, rms_eps, rows, stats_shape
 
 _native_layer_norm = torch.ops.aten.native_layer_norm.default
 _fused_rms_norm = torch.ops.aten._fused_rms_norm.default
@@ -83,12 +84,10 @@ def aten_backward(dy3, x3, mean, rstd, weight, rms, output_mask):
 def _implementation(x3, weight, bias, backward):
     """The forward (or backward) of the fused kernels that serve this call, else ATen's."""
     if x3.is_cpu:
-        # TEMP until the library's row-norm kernels land
-        fwd, bwd = getattr(eager, "cpu_row_norm_forward", None), getattr(eager, "cpu_row_norm_backward", None)
-        pick = (bwd and bwd(x3, weight)) if backward else (fwd and fwd(x3, weight, bias))
+        pick = cpu.backward_kernel(x3, weight) if backward else cpu.forward_kernel(x3, weight, bias)
         if pick is not None:
             return pick
-    launch = cuda.triton_for(x3, "triton_row_norm")
+    launch = backends.triton_for(x3, backends.ROW_NORM_TRITON)
     if launch is not None:
         return launch.backward if backward else launch.forward
     return aten_backward if backward else aten_forward
@@ -114,7 +113,7 @@ def forward(input, normalized_shape, weight, bias, eps, rms):
         return torch.empty_like(input, memory_format=torch.contiguous_format), stats, stats.clone()
     x3 = input.contiguous().view(n, m, d)
     w, b = _flat(weight, normalized_shape, n, d), _flat(bias, normalized_shape, n, d)
-    with cuda._on_device(input):
+    with backends.on_device(input):
         y, mean, rstd = _implementation(x3, w, b, backward=False)(x3, w, b, rms, eps)
     return y.view(input.shape), (None if mean is None else mean.view(shape)), rstd.view(shape)
 
@@ -137,7 +136,7 @@ def backward(grad_out, input, normalized_shape, mean, rstd, weight, output_mask,
     mean3 = None if rms else mean.reshape(n, m)
     rstd3 = rstd.reshape(n, m)
     w = _flat(weight, normalized_shape, n, d)
-    with cuda._on_device(input):
+    with backends.on_device(input):
         gi, gw, gb = _implementation(x3, w, None, backward=True)(dy3, x3, mean3, rstd3, w, rms, mask)
     return (
         None if gi is None else gi.view(input.shape),

@@ -9,16 +9,16 @@
 // on an H200: 1.40x plain).
 //
 // What: a private op, persample::_eager_group_norm, whose kernel is an autograd
-// Function: on CPU its forward and backward are the fused kernels of cpu_kernels.h, on
-// CUDA ATen's kernels on the per-sample view, as ops/cuda.py's fallback drives them.
-// persample.group_norm calls it in plain eager mode only (ops/eager.py);
+// Function: on CPU its forward and backward are the fused kernels of group_norm_kernels.h, on
+// CUDA ATen's kernels on the per-sample view, as ops/group_norm/cuda.py's fallback drives them.
+// persample.group_norm calls it in plain eager mode only (ops/group_norm/eager.py);
 // compile, export, torch.func transforms, dispatch modes, subclasses, reduced precision
 // and every invalid call go to the public op persample::group_norm, whose Python kernels
 // stay the one reference for semantics and error messages. The backward calls
 // persample::group_norm_backward through the dispatcher unless nothing could observe
 // the call (no grad mode, no mode, plain tensors), as ops/autograd.py does. Two more
 // private ops, persample::_cpu_group_norm_forward and _cpu_group_norm_backward, lend
-// the fused kernels to the public ops' CPU kernels (ops/cpu.py), so that compiled
+// the fused kernels to the public ops' CPU kernels (ops/group_norm/cpu.py), so that compiled
 // graphs, torch.func and Opacus use them too.
 
 #include <ATen/ATen.h>
@@ -29,7 +29,7 @@
 
 #include <vector>
 
-#include "cpu_kernels.h"
+#include "group_norm_kernels.h"
 
 namespace {
 
@@ -83,7 +83,7 @@ bool channels_last(const Tensor& t) {
   return (t.dim() == 4 || t.dim() == 5) && t.is_contiguous(cl_format(t));
 }
 
-// ops/layout.py's rule, read why there: a tensor with size-1 dims can be dense in
+// ops/group_norm/layout.py's rule, read why there: a tensor with size-1 dims can be dense in
 // several formats, and ATen's kernels pick theirs by suggest_memory_format(), which may
 // disagree with ours. So the format is decided once, contiguous first, and ATen gets
 // that format's canonical strides. For tensors dense in one of the two (fast_ok).
@@ -164,7 +164,7 @@ Tensor flat(const OptTensor& p, int64_t n, int64_t c, const Tensor& input) {
 }
 
 // The forward op's result for a dense (contiguous or channels_last) CPU input; the
-// public op's CPU kernel (ops/cpu.py) calls it too.
+// public op's CPU kernel (ops/group_norm/cpu.py) calls it too.
 Tensor3 forward_cpu(const Tensor& input_, int64_t groups, const OptTensor& weight,
                     const OptTensor& bias, double eps) {
   const auto fmt = dense_format(input_);
@@ -192,7 +192,7 @@ Tensor3 forward_cpu(const Tensor& input_, int64_t groups, const OptTensor& weigh
 Tensor3 forward_kernel(const Tensor& input_, int64_t groups, const OptTensor& weight,
                        const OptTensor& bias, double eps) {
   if (input_.is_cpu()) return forward_cpu(input_, groups, weight, bias, eps);
-  // ATen's CUDA GroupNorm has no channels_last kernel; like ops/cuda.py, this runs it on
+  // ATen's CUDA GroupNorm has no channels_last kernel; like ops/group_norm/cuda.py, this runs it on
   // a contiguous copy, and so does the backward.
   const Tensor input = canonical(input_, at::MemoryFormat::Contiguous);
   const int64_t n = input.size(0), c = input.size(1), length = input.numel() / (n * c);
@@ -328,7 +328,7 @@ TORCH_LIBRARY_FRAGMENT(persample, m) {
   // (persample.nn.GroupNorm under Opacus's hooks).
   m.def("_eager_group_norm_stats(Tensor input, int num_groups, Tensor? weight=None, "
         "Tensor? bias=None, float eps=1e-05) -> (Tensor, Tensor, Tensor)");
-  // The backward kernel alone, for the public backward op's CPU kernel (ops/cpu.py),
+  // The backward kernel alone, for the public backward op's CPU kernel (ops/group_norm/cpu.py),
   // which checks that the call is one it handles. Masked-out outputs are None.
   m.def("_cpu_group_norm_backward(Tensor grad_out, Tensor input, Tensor mean, Tensor rstd, "
         "Tensor? weight, int num_groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");

@@ -1,5 +1,5 @@
 """Triton kernels of the row norms, ``persample::layer_norm`` and ``persample::rms_norm``
-(fp32, bf16, fp16), launched by ops/triton_row_norm.py.
+(fp32, bf16, fp16), launched by ops/row_norm/triton_launch.py.
 
 The problem is a contiguous ``[N, M, D]`` tensor: N samples of M rows, each row of D
 elements normalised on its own. Element (n, r, d) lies at ``n*M*D + r*D + d``; the
@@ -33,7 +33,7 @@ first element), per chunk by two passes, merged by Chan's formula. dgamma sums
 
 import triton.language as tl
 
-from .triton_common import jit
+from ..shared.triton_helpers import jit
 
 _kernel = jit(("M", "S", "M_PER"))
 

@@ -1,11 +1,11 @@
-"""Launch wrappers of the row norms' Triton kernels (ops/triton_row_norm_kernels.py),
-for ``persample::layer_norm`` and ``persample::rms_norm``: the glue (ops/row_norm.py)
+"""Launch wrappers of the row norms' Triton kernels (ops/row_norm/triton_kernels.py),
+for ``persample::layer_norm`` and ``persample::rms_norm``: the glue (ops/row_norm/kernels.py)
 hands them a contiguous ``[N, M, D]`` view (N samples, M rows a sample, rows of D
 elements) and imports this module lazily, through ``cuda.triton_for``.
 
 Everything a launch needs is decided once, in :class:`Plan`, from (N, M, D) and the SM
 count; the launch functions only consume it. What the launchers
-share with group_norm's (ops/triton_launch.py) lives in ops/triton_common.py.
+share with group_norm's (ops/group_norm/triton_launch.py) lives in ops/shared/triton_helpers.py.
 
 Compiled variants: D is specialised (its ``% 16`` class: 1, a multiple of 16, or
 other), M and the program counts are not. A model's layer of width D therefore
@@ -20,10 +20,10 @@ import functools
 import torch
 import triton
 
-from . import triton_row_norm_kernels as k
-from .checks import acc_dtype
-from .row_norm_checks import rms_eps
-from .triton_common import fits, interpreted, num_warps, sm_count  # noqa: F401  (fits: ops/cuda.py's)
+from ..shared.checks import acc_dtype
+from ..shared.triton_helpers import fits, interpreted, num_warps, sm_count  # noqa: F401  (fits: ops/shared/backends.py's)
+from . import triton_kernels as k
+from .checks import rms_eps
 
 # Geometry knobs (tests change them to reach every path).
 REGISTER_ELEMENTS = 2048
@@ -49,7 +49,7 @@ MERGE_ELEMENTS = 2048
 
 INTERPRETED = interpreted(k.forward_rows)
 """True when triton runs the kernels in its interpreter (``TRITON_INTERPRET=1`` when
-ops/triton_row_norm_kernels.py was imported): then they take CPU tensors (tests)."""
+ops/row_norm/triton_kernels.py was imported): then they take CPU tensors (tests)."""
 
 
 class Plan:

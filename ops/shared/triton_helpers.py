@@ -1,5 +1,5 @@
-"""What the Triton launch modules share (ops/triton_launch.py for group_norm,
-ops/triton_row_norm.py for layer_norm and rms_norm): the GPU's size, the int32 offset
+"""What the Triton launch modules share (ops/group_norm/triton_launch.py for group_norm,
+ops/row_norm/triton_launch.py for layer_norm and rms_norm): the GPU's size, the int32 offset
 bound, interpreter detection, the warps-from-bytes rule and the ``jit`` that leaves
 program counts unspecialised. Each launch module keeps its own tuning knobs, which
 tests patch on that module.
@@ -16,7 +16,7 @@ NOMINAL_SMS = 132
 tests reach the plans a GPU would make."""
 
 MAX_SAMPLE_ELEMENTS = 2**31
-"""Offsets within a sample are int32: larger samples take ATen's kernels (ops/cuda.py)."""
+"""Offsets within a sample are int32: larger samples take ATen's kernels (ops/shared/backends.py's triton_for)."""
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """Input validation of the row norms, ``persample::layer_norm`` and ``persample::rms_norm``
 (and their backward ops), shared by their kernels, fake impls and decompositions, so
 that a bad call fails with the same message in eager, under fake tensors and compiled
-(read ops/checks.py, whose helpers these use).
+(read ops/shared/checks.py, whose helpers these use).
 
 The batch-first contract: dim 0 of the input is the sample dim N; the trailing
 ``len(normalized_shape)`` dims are normalised, row by row; every dim in between (a
@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .checks import REDUCED, _check, _shape, _v, acc_dtype
+from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype
 
 
 def stats_shape(input, normalized_shape):

@@ -1,39 +1,11 @@
-"""Input validation shared by the real kernels and the fake implementations.
-
-Every kernel and every fake impl calls these, so a bad call fails with the same
-``RuntimeError`` text in eager, under FakeTensorMode, under ``torch.compile`` and
-under ``torch.export``. ``torch._check`` (not ``assert``) keeps the checks alive
-under ``python -O`` and lets them run on SymInts without forcing a specialisation.
+"""Input validation of ``persample::group_norm`` and its backward, shared by the real
+kernels and the fake implementations (the helpers and dtype rules of every norm are in
+ops/shared/checks.py).
 """
 
 import torch
 
-REDUCED = (torch.float16, torch.bfloat16)
-"""Input dtypes whose statistics and accumulation are fp32."""
-
-
-def _v(size):
-    """A size as the user passed it: the concrete hint of a SymInt, so that messages
-    read the same under compile as in eager."""
-    if isinstance(size, torch.SymInt) and size.node.has_hint():
-        return size.node.hint
-    return size
-
-
-def _shape(t):
-    return tuple(_v(s) for s in t.shape)
-
-
-def _check(cond, message):
-    # Eager conditions are plain bools; skipping torch._check for them saves ~1 us per
-    # check, which matters at small shapes. SymBools (fake/compile) go to torch._check.
-    if cond is not True:
-        torch._check(cond, message)
-
-
-def acc_dtype(input_dtype):
-    """Dtype of the saved statistics and of the fp32-or-wider accumulation."""
-    return torch.float32 if input_dtype in REDUCED else input_dtype
+from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype
 
 
 def grad_param_dtype(input, weight):

@@ -1,7 +1,7 @@
-"""Launch wrappers of the Triton kernels (ops/triton_kernels.py): layouts, geometry,
-grids. ops/cuda.py imports this module lazily, when triton is installed.
+"""Launch wrappers of the Triton kernels (ops/group_norm/triton_kernels.py): layouts, geometry,
+grids. ops/group_norm/cuda.py imports this module lazily, when triton is installed.
 
-Layouts follow ops/layout.py. The input decides one format (``layout.dense``); the
+Layouts follow ops/group_norm/layout.py. The input decides one format (``layout.dense``); the
 output and grad_input are allocated as the fake implementations say
 (``output_memory_format``: the input's format, on every device), which is dense in the
 same format, and grad_out is made dense in it (a copy only where it lies otherwise).
@@ -18,10 +18,10 @@ import math
 import torch
 import triton
 
+from ..shared.triton_helpers import NOMINAL_SMS, fits, interpreted, num_warps, sm_count  # noqa: F401  (fits: ops/shared/backends.py's)
 from . import triton_kernels as k
 from .checks import grad_param_dtype
 from .layout import CONTIGUOUS, dense, output_memory_format
-from .triton_common import NOMINAL_SMS, fits, interpreted, num_warps, sm_count  # noqa: F401  (fits: ops/cuda.py's)
 
 # Geometry knobs, set from measurements on an H200 (docs/benchmarks.md; the GPU check
 # sweeps them, persample/bench/kernels.py). Tests lower them to reach every path.
@@ -49,7 +49,7 @@ NUM_STAGES = None
 
 INTERPRETED = interpreted(k.forward_tile)
 """True when triton runs the kernels in its interpreter (``TRITON_INTERPRET=1`` when
-ops/triton_kernels.py was imported): then they take CPU tensors, which tests use."""
+ops/group_norm/triton_kernels.py was imported): then they take CPU tensors, which tests use."""
 
 _MERGE_BLOCK = 1024  # range statistics (or channel sums) a merge program reads at a time
 
@@ -193,7 +193,7 @@ def forward(input, num_groups, weight, bias, eps):
 
 def backward(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     """``persample::group_norm_backward`` of a non-empty fp32/bf16/fp16 input, without
-    validation or placeholders (see ops/cpu.py's ``backward_cpu``).
+    validation or placeholders (see ops/group_norm/cpu.py's ``backward_cpu``).
 
     Returns:
         (Tensor[N, C, *] or None, Tensor[N, C] or None, Tensor[N, C] or None):

@@ -1,4 +1,4 @@
-"""Triton kernels of the persample ops (fp32, bf16, fp16), for ops/cuda.py.
+"""Triton kernels of the persample ops (fp32, bf16, fp16), for ops/group_norm/cuda.py.
 
 The unit of work is a *group block*: ``GB`` consecutive groups of one sample, that is
 ``GB * D`` consecutive channels (D = C / G) by all L spatial positions. The kernels
@@ -7,7 +7,7 @@ reduce each chunk per channel, then per group (a ``[GB, BLOCK_D]`` reshape). Sev
 groups per program give a channels_last program wide contiguous runs (all its
 channels at each position) and a program of small groups enough work.
 
-Tensors x, y, dy and dx share one layout (ops/triton_launch.py makes them so), dense
+Tensors x, y, dy and dx share one layout (ops/group_norm/triton_launch.py makes them so), dense
 with canonical strides, so an element's offset follows from (n, c, l), C and L alone:
 ``n*C*L + c*L + l`` (contiguous) or ``n*C*L + l*C + c`` (channels_last, ``CL``). The
 unit stride is a literal, which is what lets Triton prove contiguity; the sizes it
@@ -36,7 +36,7 @@ mean-refinement step instead. The backward sums ``dy * (x - mean)``, never
 import triton
 import triton.language as tl
 
-from .triton_common import jit
+from ..shared.triton_helpers import jit
 
 _kernel = jit(("NGB", "G", "S"))
 """The counts that only index programs (NGB, G, S) stay unspecialised; C, L and L_PER

@@ -1,5 +1,5 @@
 // The fused CPU kernels of persample's GroupNorm (fp32 and fp64), used by
-// eager_group_norm.cpp.
+// group_norm.cpp.
 //
 // Forward. ATen's channels_last CPU kernel takes the variance as E[x^2] - mean^2, which
 // cancels when |mean| >> std (measured in fp32 at mean/std = 1e3: output error 0.29,

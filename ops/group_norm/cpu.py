@@ -1,12 +1,12 @@
 """CPU kernels of the public ops: the C++ library's fused kernels where it is loaded,
 else ATen's kernels on the per-sample view and centred ATen-op formulas
-(ops/aten_kernels.py)."""
+(ops/group_norm/aten_kernels.py)."""
 
 from . import aten_kernels as k
 from . import eager
 from .checks import check_group_norm
 from .layout import CONTIGUOUS, dense, in_format, output_memory_format
-from .library import lib
+from ..library import lib
 
 
 def group_norm_cpu(input, num_groups, weight=None, bias=None, eps=1e-5):
@@ -26,7 +26,7 @@ def backward_cpu(grad_out, input, mean, rstd, weight, num_groups, output_mask):
     fmt = output_memory_format(input)
     if input.numel() == 0:
         return k.empty_backward(input, weight, output_mask, fmt)
-    # One layout for both, decided once (read ops/layout.py).
+    # One layout for both, decided once (read ops/group_norm/layout.py).
     input, dense_fmt = dense(input)
     grad_out, _ = dense(grad_out, dense_fmt)
     fused = eager.cpu_backward(input, weight)

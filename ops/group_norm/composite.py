@@ -9,7 +9,7 @@ pay for this; the ops themselves run the fast kernels.
 
 import torch
 
-from .checks import acc_dtype
+from ..shared.checks import acc_dtype
 
 
 def stats(input, num_groups, eps):
@@ -62,24 +62,3 @@ def explicit_backward(grad_out, input, weight, num_groups, eps, output_mask):
     if output_mask[2]:
         outs.append(dy.reshape(spatial).sum(2))
     return tuple(outs)
-
-
-def vjp(grad_out, input, weight, num_groups, eps, output_mask, cotangents):
-    """Gradients w.r.t. (grad_out, input, weight) of the unmasked outputs, given their
-    cotangents (None entries count as zeros). ``weight`` may be None."""
-    return vjp_of(
-        lambda go, x, w: explicit_backward(go, x, w, num_groups, eps, output_mask),
-        grad_out, input, weight, (input.shape[1],), cotangents,
-    )
-
-
-def vjp_of(explicit, grad_out, input, weight, weight_shape, cotangents):
-    """The double backward of any norm: gradients w.r.t. (grad_out, input, weight) of
-    ``explicit(grad_out, input, weight)``'s outputs, given their cotangents (None
-    entries count as zeros). A None ``weight`` is ones of ``weight_shape`` there, and
-    gets no gradient."""
-    w = weight if weight is not None else input.new_ones(weight_shape)
-    outs, pullback = torch.func.vjp(explicit, grad_out, input, w)
-    cot = tuple(torch.zeros_like(o) if t is None else t.to(o.dtype) for o, t in zip(outs, cotangents))
-    d_grad_out, d_input, d_weight = pullback(cot)
-    return d_grad_out, d_input, (d_weight if weight is not None else None)
