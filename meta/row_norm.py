@@ -35,7 +35,7 @@ def _layer_norm_fake(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 @torch.library.register_fake("persample::layer_norm_backward")
 def _layer_norm_backward_fake(grad_out, input, normalized_shape, mean, rstd, weight, output_mask, eps=1e-5):
     check_row_norm_backward(
-        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, eps
+        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, output_mask, eps
     )
     return _grads(input, normalized_shape, output_mask)
 
@@ -48,5 +48,5 @@ def _rms_norm_fake(input, normalized_shape, weight=None, eps=None):
 
 @torch.library.register_fake("persample::rms_norm_backward")
 def _rms_norm_backward_fake(grad_out, input, normalized_shape, rstd, weight, output_mask, eps=None):
-    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, eps)
+    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, output_mask, eps)
     return _grads(input, normalized_shape, output_mask)

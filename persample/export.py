@@ -233,7 +233,7 @@ def layer_norm_backward_decomposition(
     grad_input (contiguous) and the per-sample ``[N, *normalized_shape]`` weight and
     bias gradients, ``Tensor[0]`` where masked."""
     check_row_norm_backward(
-        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, eps
+        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, output_mask, eps
     )
     return _row_backward(grad_out, input, normalized_shape, mean, rstd, weight, output_mask, rms=False)
 
@@ -241,7 +241,7 @@ def layer_norm_backward_decomposition(
 def rms_norm_backward_decomposition(grad_out, input, normalized_shape, rstd, weight, output_mask, eps=None):
     """``persample::rms_norm_backward`` as ATen ops: grad_input and the per-sample
     weight gradient."""
-    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, eps)
+    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, output_mask, eps)
     return _row_backward(grad_out, input, normalized_shape, None, rstd, weight, output_mask, rms=True)
 
 

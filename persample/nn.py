@@ -5,7 +5,7 @@ import torch
 
 from . import leaves
 from .ops.group_norm import eager
-from .ops.functional import aten_group_norm, group_norm, use_aten
+from .ops.functional import aten_group_norm, aten_row_norm, group_norm, use_aten
 from .ops.library import group_norm_op, layer_norm_op, rms_norm_op
 
 __all__ = [
@@ -116,6 +116,8 @@ class LayerNorm(PerSampleNorm, torch.nn.LayerNorm):
 
     def forward(self, input):
         weight, bias = self._params()
+        if use_aten(input):
+            return aten_row_norm(input, list(self.normalized_shape), weight, bias, self.eps, rms=False)
         out, mean, rstd = layer_norm_op(input, list(self.normalized_shape), weight, bias, self.eps)
         if self._stashing():
             _stash_stats(self, input, mean, rstd)
@@ -136,6 +138,8 @@ class RMSNorm(PerSampleNorm, torch.nn.RMSNorm):
 
     def forward(self, input):
         weight, _ = self._params()
+        if use_aten(input):
+            return aten_row_norm(input, list(self.normalized_shape), weight, None, self.eps, rms=True)
         out, rstd = rms_norm_op(input, list(self.normalized_shape), weight, self.eps)
         if self._stashing():
             _stash_stats(self, input, rstd)
@@ -156,14 +160,11 @@ class _InstanceNorm(PerSampleNorm):
                 f"use torch.nn.{type(self).__name__}"
             )
 
-    def forward(self, input):
-        self._check_input_dim(input)
-        unbatched = input.dim() == self._get_no_batch_dim()
-        if unbatched:
-            input = input.unsqueeze(0)
+    # Stock forward's checks (a ValueError for a channel count that differs from an
+    # affine layer's, a warning otherwise) and unbatched input, then this, batched.
+    def _apply_instance_norm(self, input):
         weight, bias = self._params() if self.affine else (None, None)
-        out = group_norm(input, input.shape[1], weight, bias, self.eps)
-        return out.squeeze(0) if unbatched else out
+        return group_norm(input, input.shape[1], weight, bias, self.eps)
 
 
 class InstanceNorm1d(_InstanceNorm, torch.nn.InstanceNorm1d):
@@ -184,9 +185,11 @@ class InstanceNorm3d(_InstanceNorm, torch.nn.InstanceNorm3d):
 def _stash_stats(layer, input, *stats):
     """Keep this call's statistics (mean and rstd, or rstd alone) for a hook-based per-sample sampler
     (``persample.opacus``), so that it needs no recomputation. Keyed by the input's
-    storage, bounded, so that unclaimed entries cannot pile up."""
+    storage and strides, bounded, so that unclaimed entries cannot pile up. The strides
+    tell apart a permuted view of the same storage and shape (Opacus's
+    ``batch_first=False`` moves the batch dim to the front), whose rows differ."""
     stash = layer.__dict__.setdefault("_saved_stats", [])
-    stash.append((input.data_ptr(), input.shape, *(t.detach() for t in stats)))
+    stash.append((input.data_ptr(), input.shape, input.stride(), *(t.detach() for t in stats)))
     del stash[:-4]
 
 
@@ -194,8 +197,8 @@ def pop_stats(layer, input):
     """The statistics that ``layer``'s forward computed for ``input``, or None."""
     stash = layer.__dict__.get("_saved_stats", [])
     for i in range(len(stash) - 1, -1, -1):
-        ptr, shape, *stats = stash[i]
-        if ptr == input.data_ptr() and shape == input.shape:
+        ptr, shape, stride, *stats = stash[i]
+        if ptr == input.data_ptr() and shape == input.shape and stride == input.stride():
             del stash[i]
             return tuple(stats)
     return None

@@ -12,18 +12,22 @@
 #       step's host time layer by layer (persample.bench.host), runs the CUDA, Triton
 #       and transform tests on the GPU (OUTDIR/tests.xml), then the host-bound suite
 #       (OUTDIR/bench-cuda.json).
+#   scripts/gpu_check.sh 3 OUTDIR   (~3 min) the row norms (LayerNorm, RMSNorm): their
+#       Triton tests on the GPU (OUTDIR/tests-row.xml: the float64 sweep), then their
+#       kernel-bound suites (OUTDIR/bench-row-kernels-{layer_norm,rms_norm}.json).
 #
 # Each stage prints its time; everything else goes to stdout.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-stage_arg="${1:?usage: scripts/gpu_check.sh 1|2 OUTDIR}"
-out="${2:?usage: scripts/gpu_check.sh 1|2 OUTDIR}"
+stage_arg="${1:?usage: scripts/gpu_check.sh 1|2|3 OUTDIR}"
+out="${2:?usage: scripts/gpu_check.sh 1|2|3 OUTDIR}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 site="$(mktemp -d)"
 mkdir -p "$site/persample"
 cp persample/*.py "$site/persample/"
 cp -r persample/bench "$site/persample/bench"
+cp -r persample/models "$site/persample/models"
 cp -r ops "$site/persample/ops"
 cp -r meta "$site/persample/meta"
 stage() { echo "=== $1 (at ${SECONDS}s)"; }
@@ -42,6 +46,15 @@ if [[ "$stage_arg" == 1 ]]; then
     stage "kernel-bound suite (check, tune, measure)"
     python3 -P -m persample.bench --device cuda --kernels --check --tune --rounds 10 \
         --json "$out/bench-kernels.json" || status=$?
+elif [[ "$stage_arg" == 3 ]]; then
+    stage "row-norm Triton tests"
+    python3 -P -m pytest -q -p no:cacheprovider -rs --junitxml="$out/tests-row.xml" \
+        tests/test_triton_row_norm.py || status=$?
+    for op in layer_norm rms_norm; do
+        stage "row-norm kernel-bound suite: $op"
+        python3 -P -m persample.bench --device cuda --kernels --op "$op" --rounds 10 \
+            --json "$out/bench-row-kernels-$op.json" || status=$?
+    done
 else
     # The C++ eager path, built against this machine's torch where a compiler is there
     # (optional: without it the package runs its Python kernels).

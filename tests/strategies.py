@@ -27,6 +27,13 @@ settings.register_profile(
 settings.load_profile("persample")
 
 
+def describe(t):
+    """A tensor as a failing example should print it: shape, strides, offset, dtype."""
+    if t is None:
+        return "None"
+    return f"{tuple(t.shape)}:{t.stride()}+{t.storage_offset()}:{t.dtype}"
+
+
 def examples(default, long_share=1.0):
     """``settings`` for a property: ``default`` examples in CI, ``long_share`` of the
     long run's count otherwise (compiled properties cost seconds an example)."""
@@ -66,11 +73,7 @@ class Call:
     requires_grad: tuple  # (x, weight, bias)
 
     def __repr__(self):
-        def desc(t):
-            if t is None:
-                return "None"
-            return f"{tuple(t.shape)}:{t.stride()}+{t.storage_offset()}:{t.dtype}"
-
+        desc = describe
         return (f"Call(x={desc(self.x)}, groups={self.groups}, weight={desc(self.weight)}, "
                 f"bias={desc(self.bias)}, eps={self.eps}, grad_out={desc(self.grad_out)}, "
                 f"requires_grad={self.requires_grad})")

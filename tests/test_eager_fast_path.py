@@ -202,6 +202,11 @@ class AgreementTests:
                 self.assertEqual(node_name(persample.group_norm(x, 2, w, b)), FAST_NODE)
                 self.assertTrue(torch.autograd.gradcheck(
                     lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
+                if x.numel() > 100:
+                    # Rows past the kernels' blocks are first-order business; the double
+                    # backward (ops/group_norm/composite.py) does not see blocks, and its
+                    # numerical Jacobian here would cost ~(1040 + 16)^2 evaluations (minutes).
+                    continue
                 self.assertTrue(torch.autograd.gradgradcheck(
                     lambda *a: persample.group_norm(a[0], 2, a[1], a[2]), (x, w, b)))
 

@@ -40,7 +40,7 @@ from ..shared.triton_helpers import jit
 
 _kernel = jit(("NGB", "G", "S"))
 """The counts that only index programs (NGB, G, S) stay unspecialised; C, L and L_PER
-are specialised, so that masked accesses vectorise (``triton_common.jit``)."""
+are specialised, so that masked accesses vectorise (``shared.triton_helpers.jit``)."""
 
 
 # ---- tile helpers ----------------------------------------------------------------------

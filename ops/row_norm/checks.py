@@ -58,7 +58,7 @@ def _check_param(op, name, p, input, normalized_shape):
     _check(
         p.dim() in (k, k + 1),
         lambda: f"{_prefix(op)}: {name} must be Tensor{list(ns)} (shared) or "
-        f"Tensor{['N', *ns]} (per-sample), got a tensor of shape {_shape(p)}",
+        f"Tensor[N, {', '.join(map(str, ns))}] (per-sample), got a tensor of shape {_shape(p)}",
     )
     _check(
         p.device == input.device,
@@ -121,10 +121,17 @@ def check_row_norm(op, input, normalized_shape, weight, bias, eps):
     _check_param(op, "bias", bias, input, normalized_shape)
 
 
-def check_row_norm_backward(op, grad_out, input, normalized_shape, stats, weight, eps):
+def check_row_norm_backward(op, grad_out, input, normalized_shape, stats, weight, output_mask, eps):
     """The backward op's checks; ``stats`` is ``{"mean": t, "rstd": t}`` (rstd alone for
     rms_norm)."""
     name = f"{op}_backward"
+    # The schema's bool[3] / bool[2] does not hold a Python list to its length.
+    grads = ("grad_input", "grad_weight") + (("grad_bias",) if "mean" in stats else ())
+    _check(
+        len(output_mask) == len(grads),
+        lambda: f"{_prefix(name)}: output_mask must have {len(grads)} entries "
+        f"({', '.join(grads)}), got {len(output_mask)}",
+    )
     want = stats_shape(input, normalized_shape) if input.dim() > len(normalized_shape) else None
     acc = acc_dtype(input.dtype)
     if (eps is None or eps >= 0) and _fast_ok(input, normalized_shape, (weight,)):

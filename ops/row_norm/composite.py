@@ -15,11 +15,19 @@ def _rows(input, normalized_shape):
     return input.to(acc_dtype(input.dtype)).reshape(n, m, d)
 
 
+def _var_mean(x, keepdim=False):
+    # Not torch.var_mean: it warns ("degrees of freedom is <= 0") on rows of an empty
+    # [N, 0, D] input, which have no elements to warn about.
+    mean = x.mean(-1, keepdim=True)
+    var = (x - mean).square().mean(-1, keepdim=keepdim)
+    return var, mean if keepdim else mean.squeeze(-1)
+
+
 def _normalise(x, eps, rms):
     if rms:
         rstd = torch.rsqrt(x.square().mean(-1, keepdim=True) + eps)
         return x * rstd, rstd
-    var, mean = torch.var_mean(x, -1, correction=0, keepdim=True)
+    var, mean = _var_mean(x, keepdim=True)
     rstd = torch.rsqrt(var + eps)
     return (x - mean) * rstd, rstd
 
@@ -32,7 +40,7 @@ def stats(input, normalized_shape, eps, rms):
     if rms:
         rstd = torch.rsqrt(x.square().mean(-1) + rms_eps(eps, input.dtype))
         return (rstd.reshape(shape),)
-    var, mean = torch.var_mean(x, -1, correction=0)
+    var, mean = _var_mean(x)
     return mean.reshape(shape), torch.rsqrt(var + eps).reshape(shape)
 
 

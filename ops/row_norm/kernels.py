@@ -164,7 +164,7 @@ def layer_norm_backward_body(grad_out, input, normalized_shape, mean, rstd, weig
 
 def layer_norm_backward_kernel(grad_out, input, normalized_shape, mean, rstd, weight, output_mask, eps=1e-5):
     check_row_norm_backward(
-        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, eps
+        "layer_norm", grad_out, input, normalized_shape, {"mean": mean, "rstd": rstd}, weight, output_mask, eps
     )
     gi, gw, gb = layer_norm_backward_body(grad_out, input, normalized_shape, mean, rstd, weight, output_mask)
     dtype = acc_dtype(input.dtype)
@@ -183,7 +183,7 @@ def rms_norm_backward_body(grad_out, input, normalized_shape, rstd, weight, outp
 
 
 def rms_norm_backward_kernel(grad_out, input, normalized_shape, rstd, weight, output_mask, eps=None):
-    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, eps)
+    check_row_norm_backward("rms_norm", grad_out, input, normalized_shape, {"rstd": rstd}, weight, output_mask, eps)
     gi, gw = rms_norm_backward_body(grad_out, input, normalized_shape, rstd, weight, output_mask)
     return _placeholder(gi, input), _placeholder(gw, input, acc_dtype(input.dtype))
 

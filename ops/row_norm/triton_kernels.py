@@ -6,7 +6,7 @@ elements normalised on its own. Element (n, r, d) lies at ``n*M*D + r*D + d``; t
 sample's base is int64, offsets within a sample int32 (the launcher routes samples of
 2**31 elements or more to ATen). D is specialised (Triton's ``% 16`` classes), which is
 what proves the alignment of a row's masked accesses, so that they vectorise; M and the
-program counts are not (``triton_common.jit``).
+program counts are not (``shared.triton_helpers.jit``).
 
 A program works inside one sample, on *ranges* of its rows: then a per-sample weight is
 read once a program, and the backward's per-sample parameter sums over the rows stop at

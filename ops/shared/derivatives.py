@@ -9,6 +9,8 @@ def vjp_of(explicit, grad_out, input, weight, weight_shape, cotangents):
     ``explicit(grad_out, input, weight)``'s outputs, given their cotangents (None
     entries count as zeros). A None ``weight`` is ones of ``weight_shape`` there, and
     gets no gradient."""
+    if not cotangents:  # every output masked out: the empty placeholders depend on nothing
+        return None, None, None
     w = weight if weight is not None else input.new_ones(weight_shape)
     outs, pullback = torch.func.vjp(explicit, grad_out, input, w)
     cot = tuple(torch.zeros_like(o) if t is None else t.to(o.dtype) for o, t in zip(outs, cotangents))

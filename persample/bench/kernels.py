@@ -198,21 +198,29 @@ def run_case(shape, dtype, channels_last, rounds):
     row = {
         "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
         "channels_last": channels_last, "mb_per_tensor": case.bytes / 2**20, "plan": repr(plan),
-        "on_chip": plan.single, "split": plan.splits > 1,
+        "on_chip": plan.single, "split": plan.splits > 1, **timing_fields(kt, st, skipped, case.bytes),
+    }
+    del case, kernels, steps
+    torch.cuda.empty_cache()
+    return row
+
+
+def timing_fields(kt, st, skipped, nbytes):
+    """A row's figures from kernel-only times ``kt`` (persample, aten, copy) and step
+    times ``st`` (plain, persample, expanded_weights), of tensors of ``nbytes``."""
+    fields = {
         "kernel_ms": {k: statistics.median(v) for k, v in kt.items()},
         "aten_over_persample_kernels": ratios(kt, "aten", "persample") if "aten" in kt else None,
         # 5 passes of the tensor at the persample kernels' speed, over the copy's 2.
         "bandwidth_fraction": _stats([2.5 * cp / ps for cp, ps in zip(kt["copy"], kt["persample"])]),
-        "copy_gbps": 2 * case.bytes / statistics.median(kt["copy"]) / 1e6,
+        "copy_gbps": 2 * nbytes / statistics.median(kt["copy"]) / 1e6,
         "step_ms": {k: statistics.median(v) for k, v in st.items()},
         "plain_over_persample": ratios(st, "plain", "persample"),
         "skipped": skipped,
     }
     if "expanded_weights" in st:
-        row["expanded_weights_over_persample"] = ratios(st, "expanded_weights", "persample")
-    del case, kernels, steps
-    torch.cuda.empty_cache()
-    return row
+        fields["expanded_weights_over_persample"] = ratios(st, "expanded_weights", "persample")
+    return fields
 
 
 def summary(rows):
@@ -291,6 +299,13 @@ def main(args, parser):
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
 
+    if args.op in ("layer_norm", "rms_norm"):
+        from . import row_kernels
+
+        if args.tune or args.check:
+            parser.error("--tune and --check are GroupNorm's (the row norms' float64 sweep on the "
+                         "GPU is tests/test_triton_row_norm.py): use them without --op")
+        return row_kernels.main(args, parser, save)
     launch = cuda.triton_launch()
     result = {"header": (f"torch {torch.__version__} | triton {triton.__version__} | "
                          f"{torch.cuda.get_device_name()} | knobs {tune.knobs(launch)}")}

@@ -1,11 +1,13 @@
-"""``python -m persample.bench``, the default suite: one GroupNorm layer's per-sample
-gradients, against every peer.
+"""``python -m persample.bench [--op group_norm|layer_norm|rms_norm]``, the layer suite:
+one norm layer's per-sample gradients, against every peer.
 
-For every shape it times one forward+backward of each method, interleaved round by
-round in one process (the order rotates each round, so that caches and the allocator
-treat the methods alike), and prints the median time and the median same-round ratio
-to plain ``nn.GroupNorm``, which computes no per-sample gradients and is the floor.
-All other methods produce the ``[N, C]`` per-sample weight and bias gradients.
+For every case (a shape, with a layout or a dtype) it times one forward+backward of each
+method of the op's table (persample.bench.methods), interleaved round by round in one
+process (the order rotates each round, so that caches and the allocator treat the
+methods alike), and prints the median time and the median same-round ratio to plain
+``nn.GroupNorm`` / ``nn.LayerNorm`` / ``nn.RMSNorm``, which computes no per-sample
+gradients and is the floor. All other methods produce the ``[N, C]`` (or ``[N, D]``)
+per-sample weight and bias gradients.
 """
 
 import ctypes
@@ -16,18 +18,32 @@ import statistics
 
 import torch
 
-from ..ops.group_norm import eager
+from ..ops.shared import backends
 from . import methods as M
+from .cases import CASES
 from .timing import time_interleaved
 
-SHAPES = [  # (N, C, H, W, G), channels_last: the BRIEF's table, plus channels_last
-    ((64, 64, 32, 32, 32), False),
-    ((256, 32, 16, 16, 8), False),
-    ((32, 256, 8, 8, 32), False),
-    ((8, 128, 64, 64, 32), False),
-    ((64, 64, 32, 32, 32), True),
-]
-QUICK_SHAPES = [((32, 256, 8, 8, 32), False), ((16, 64, 16, 16, 32), True)]
+BF16 = torch.bfloat16
+# (case arguments...) per op: the GroupNorm suite's are the BRIEF's table plus
+# channels_last; the row norms' are transformer shapes (N samples, T tokens, width D).
+_ROW_SHAPES = [(16, 128, 768), (8, 512, 1024), (64, 64, 384)]
+SHAPES = {
+    "group_norm": [
+        ((64, 64, 32, 32, 32), False),
+        ((256, 32, 16, 16, 8), False),
+        ((32, 256, 8, 8, 32), False),
+        ((8, 128, 64, 64, 32), False),
+        ((64, 64, 32, 32, 32), True),
+    ],
+    "layer_norm": [(s, dtype) for dtype in (torch.float32, BF16) for s in _ROW_SHAPES],
+    "rms_norm": [(s, dtype) for dtype in (torch.float32, BF16) for s in _ROW_SHAPES],
+}
+_ROW_QUICK = [((4, 32, 64), torch.float32), ((2, 64, 128), BF16)]
+QUICK_SHAPES = {
+    "group_norm": [((32, 256, 8, 8, 32), False), ((16, 64, 16, 16, 32), True)],
+    "layer_norm": _ROW_QUICK,
+    "rms_norm": _ROW_QUICK,
+}
 
 
 def _steady_allocator():
@@ -49,15 +65,18 @@ def _steady_allocator():
         return False
 
 
-def run_shape(shape, channels_last, rounds, device, wanted):
-    # Each shape compiles afresh; dynamo's per-function recompile limit would otherwise
-    # be reached across shapes.
+def run_case(op, spec, rounds, device, wanted, table=None):
+    """Build, warm up (compile) and time every ``wanted`` method of ``table`` (default
+    the op's, ``METHODS[op]``) on the case ``CASES[op](*spec, device)``: one JSON row."""
+    table = M.METHODS[op] if table is None else table
+    # Each case compiles afresh; dynamo's per-function recompile limit would otherwise
+    # be reached across cases.
     torch._dynamo.reset()
-    case = M.Case(shape, channels_last, device)
+    case = CASES[op](*spec, device)
     steps, skipped = {}, {}
     for name in wanted:
         try:
-            steps[name] = M.METHODS[name](case)
+            steps[name] = table[name](case)
         except M.Unavailable as why:
             skipped[name] = str(why)
     for name, step in list(steps.items()):  # warm-up: compiles, caches
@@ -70,15 +89,13 @@ def run_shape(shape, channels_last, rounds, device, wanted):
             del steps[name]
             skipped[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0]}"
     times = time_interleaved(steps, rounds, device)
-    plain = times["plain"]
+    # Same-round pairs, which cancel slow drift in machine load.
+    ratios = {k: [a / b for a, b in zip(v, times["plain"])] for k, v in times.items()}
     return {
-        "shape": list(shape),
-        "channels_last": channels_last,
+        **case.describe(),
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
-        # Medians of same-round pairs, which cancel slow drift in machine load.
-        "ratio_to_plain": {
-            k: statistics.median(a / b for a, b in zip(v, plain)) for k, v in times.items()
-        },
+        "ratio_to_plain": {k: statistics.median(r) for k, r in ratios.items()},
+        "ratio_range": {k: [min(r), max(r)] for k, r in ratios.items()},
         "skipped": skipped,
     }
 
@@ -99,38 +116,56 @@ def summary(rows):
             if all(n in r["ratio_to_plain"] for r in rows)}
 
 
-def report(rows, header):
+def summary_by_dtype(rows):
+    """``{dtype: summary}`` over the rows of each dtype, for suites that have several
+    (the row norms: fp32 and bf16 are different questions), else empty."""
+    dtypes = list(dict.fromkeys(r["dtype"] for r in rows if "dtype" in r))
+    if len(dtypes) < 2:
+        return {}
+    return {d: summary([r for r in rows if r.get("dtype") == d]) for d in dtypes}
+
+
+_PEERS = ("expanded_weights", "opacus_stock", "func_stock")
+
+
+def _means_line(means):
+    line = ", ".join(f"{n} {v:.3f}" for n, v in means.items())
+    ups = [f"{peer} {means[peer] / means['persample']:.2f}x" for peer in _PEERS
+           if peer in means and "persample" in means]
+    return line + (f"\n    persample speed-up over: {', '.join(ups)}" if ups else "")
+
+
+def report(rows, header, op="group_norm"):
     print(header)
-    names = _names(rows)
-    print("per-sample forward+backward: median ms (ratio to plain nn.GroupNorm)")
-    print(f"{'N,C,H,W,G':<16}{'layout':<7}" + "".join(f"{n:>24}" for n in names))
+    names, case = _names(rows), CASES[op]
+    print(f"per-sample forward+backward: median ms (ratio to plain {case.plain_name})")
+    print(f"{case.columns:<24}" + "".join(f"{n:>24}" for n in names))
     for row in rows:
         cells = "".join(
             f"{row['ms'][n]:>15.3f} ({row['ratio_to_plain'][n]:>5.2f})" if n in row["ms"]
             else f"{'-':>24}" for n in names
         )
-        layout = "NHWC" if row["channels_last"] else "NCHW"
-        print(f"{','.join(map(str, row['shape'])):<16}{layout:<7}{cells}")
-    means = summary(rows)
-    print("geometric mean of ratio to plain: " + ", ".join(f"{n} {v:.3f}" for n, v in means.items()))
-    if "expanded_weights" in means:
-        print(f"persample speed-up over ExpandedWeights: "
-              f"{means['expanded_weights'] / means['persample']:.2f}x")
+        print(f"{case.label(row):<24}{cells}")
+    print("geometric mean of ratio to plain: " + _means_line(summary(rows)))
+    for dtype, means in summary_by_dtype(rows).items():
+        print(f"  {dtype}: " + _means_line(means))
+    by_reason = {}
     for row in rows:
         for name, why in row["skipped"].items():
-            print(f"skipped {name} at {','.join(map(str, row['shape']))}"
-                  f"{' NHWC' if row['channels_last'] else ''}: {why}")
+            by_reason.setdefault((name, why), []).append(case.label(row))
+    for (name, why), labels in by_reason.items():
+        print(f"skipped {name} at {'; '.join(labels)}: {why}")
 
 
-def plot(rows, path):
+def plot(rows, path, op="group_norm"):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, ScalarFormatter
 
-    names = _names(rows)
-    labels = [",".join(map(str, r["shape"])) + (" NHWC" if r["channels_last"] else "") for r in rows]
+    names, case = _names(rows), CASES[op]
+    labels = [case.label(r) for r in rows]
     colors = plt.get_cmap("tab20").colors
     fig, ax = plt.subplots(figsize=(12, 5))
     width = 0.8 / len(names)
@@ -143,21 +178,22 @@ def plot(rows, path):
     ax.yaxis.set_major_formatter(ScalarFormatter())
     ax.yaxis.set_minor_locator(FixedLocator([]))
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylabel("time / plain nn.GroupNorm (log scale)")
-    ax.set_title("per-sample GroupNorm gradients, forward+backward (lower is better)")
+    ax.set_ylabel(f"time / plain {case.plain_name} (log scale)")
+    ax.set_title(f"per-sample {case.plain_name.removeprefix('nn.')} gradients, forward+backward (lower is better)")
     ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def main(args, parser):
-    """The suite, from ``persample.bench``'s parsed arguments (``methods``, ``rounds``,
-    ``quick``, ``device``, ``json``, ``plot``)."""
-    device = torch.device(args.device)
-    wanted = args.methods.split(",") if args.methods else list(M.METHODS)
-    unknown = set(wanted) - set(M.METHODS)
+    """The suite, from ``persample.bench``'s parsed arguments (``op``, ``methods``,
+    ``rounds``, ``quick``, ``device``, ``json``, ``plot``)."""
+    device, op = torch.device(args.device), args.op
+    table = M.METHODS[op]
+    wanted = args.methods.split(",") if args.methods else list(table)
+    unknown = set(wanted) - set(table)
     if unknown:
-        parser.error(f"unknown methods: {', '.join(sorted(unknown))}")
+        parser.error(f"unknown methods for --op {op}: {', '.join(sorted(unknown))}")
     if "plain" not in wanted:
         wanted.insert(0, "plain")
     if args.rounds is not None and args.rounds < 1:
@@ -165,16 +201,19 @@ def main(args, parser):
     rounds = args.rounds or (10 if args.quick else 40)
     steady = _steady_allocator()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    cpp = "built" if eager.LIBRARY else "not built (Python kernels)"
-    header = (f"torch {torch.__version__} | device {device} ({name}) | "
+    cpp = "built" if backends.LIBRARY else "not built (Python kernels)"
+    header = (f"torch {torch.__version__} | op {op} | device {device} ({name}) | "
               f"threads {torch.get_num_threads()} | rounds {rounds} | glibc allocator pinned {steady} | "
               f"C++ eager path {cpp}")
     torch.manual_seed(0)
-    rows = [run_shape(s, cl, rounds, device, wanted)
-            for s, cl in (QUICK_SHAPES if args.quick else SHAPES)]
-    report(rows, header)
+    rows = [run_case(op, spec, rounds, device, wanted) for spec in (QUICK_SHAPES if args.quick else SHAPES)[op]]
+    report(rows, header, op)
     if args.json:
+        result = {"header": header, "op": op, "rows": rows, "geomean_ratio_to_plain": summary(rows)}
+        by_dtype = summary_by_dtype(rows)
+        if by_dtype:
+            result["geomean_ratio_to_plain_by_dtype"] = by_dtype
         with open(args.json, "w") as f:
-            json.dump({"header": header, "rows": rows, "geomean_ratio_to_plain": summary(rows)}, f, indent=1)
+            json.dump(result, f, indent=1)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, op)

@@ -26,7 +26,11 @@ BACKEND = "inductor"  # of every torch.compile here; tests of the plumbing use a
 MODELS = {
     "wrn16-4": (models.WideResNet, {}, 32),
     "unet": (models.DiffusionUNet, {}, 32),
+    "vit": (models.VisionTransformer, {}, 32),
 }
+# Stock norm classes (persample's subclass them): the layers whose parameters the
+# "_norms_only" methods train and whose time the profile counts.
+NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.RMSNorm)
 
 
 class Workload:
@@ -54,7 +58,7 @@ class Workload:
 
     def copy(self, persample_norm):
         model = copy.deepcopy(self.model)
-        return persample.convert_group_norm(model) if persample_norm else model
+        return persample.convert_norms(model) if persample_norm else model
 
     def batch_loss(self, model, reduction="mean"):
         return self.loss(model(*self.inputs), *self.targets, reduction=reduction)
@@ -88,7 +92,7 @@ def _with_parameters(step, named):
 
 
 def nonprivate(w, compiled=True):
-    """The floor: a plain SGD step on the batch-mean loss (stock GroupNorm)."""
+    """The floor: a plain SGD step on the batch-mean loss (stock norms)."""
     model = w.copy(False)
     compiled = torch.compile(model, fullgraph=True, backend=BACKEND) if compiled else model
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
@@ -161,9 +165,9 @@ def dp_sgd_step(model, loss, n, n_inputs, *, compiled, trained=None):
     return torch.compile(step, fullgraph=True, backend=BACKEND) if compiled else step
 
 
-def _func(w, persample_norm, compiled, gn_only=False):
+def _func(w, persample_norm, compiled, norms_only=False):
     model = w.copy(persample_norm)
-    trained = norm_parameter_names(model) if gn_only else None
+    trained = norm_parameter_names(model) if norms_only else None
     step = dp_sgd_step(model, w.loss, w.n, len(w.inputs), compiled=compiled, trained=trained)
     state = {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -174,16 +178,17 @@ def _func(w, persample_norm, compiled, gn_only=False):
 
 
 def norm_parameter_names(model):
-    """The names of ``model``'s GroupNorm weights and biases."""
-    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, torch.nn.GroupNorm)
+    """The names of the weights and biases of ``model``'s norm layers (:data:`NORMS`)."""
+    return {f"{name}.{p}" for name, m in model.named_modules() if isinstance(m, NORMS)
             for p in ("weight", "bias") if getattr(m, p) is not None}
 
 
-def grad_sample_gn_only(w):
+def grad_sample_norms_only(w):
     """``persample.call_for_per_sample_grads`` around the compiled model: DP fine-tuning of
-    the GroupNorm parameters alone (the others frozen), the one full DP step it serves."""
+    the norm parameters alone (the others frozen), the one full DP step it serves."""
     model = w.copy(True)
-    params = [p for layer in per_sample_layers(model) for p in (layer.weight, layer.bias)]
+    params = [p for layer in per_sample_layers(model) for k in ("weight", "bias")
+              if (p := getattr(layer, k, None)) is not None]
     keep = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in keep)
@@ -214,12 +219,12 @@ METHODS = {
     "func_persample": lambda w: _func(w, True, False),
     "func_stock_compiled": lambda w: _func(w, False, True),
     "func_persample_compiled": lambda w: _func(w, True, True),
-    "grad_sample_gn_only": grad_sample_gn_only,
-    "func_stock_compiled_gn_only": lambda w: _func(w, False, True, gn_only=True),
+    "grad_sample_norms_only": grad_sample_norms_only,
+    "func_stock_compiled_norms_only": lambda w: _func(w, False, True, norms_only=True),
 }
 # Not a whole-model step, so not run unless asked for (--methods).
-_GN_ONLY = ("persample.call_for_per_sample_grads covers GroupNorm parameters only; a whole-model DP step "
-            "needs every parameter's per-sample gradient (--methods "
-            "grad_sample_gn_only,func_stock_compiled_gn_only "
-            "times DP fine-tuning of the GroupNorm parameters alone, the one full step it serves)")
-OPT_IN = {"grad_sample_gn_only": _GN_ONLY, "func_stock_compiled_gn_only": _GN_ONLY}
+_NORMS_ONLY = ("persample.call_for_per_sample_grads covers norm parameters only; a whole-model DP step "
+               "needs every parameter's per-sample gradient (--methods "
+               "grad_sample_norms_only,func_stock_compiled_norms_only "
+               "times DP fine-tuning of the norm parameters alone, the one full step it serves)")
+OPT_IN = {"grad_sample_norms_only": _NORMS_ONLY, "func_stock_compiled_norms_only": _NORMS_ONLY}

@@ -1,15 +1,16 @@
-"""``python -m persample.bench --model {wrn16-4,unet}``: one whole DP-SGD step, per method.
+"""``python -m persample.bench --model {wrn16-4,unet,vit}``: one whole DP-SGD step, per method.
 
 Each method (``persample.bench.model_methods``) runs the same private step on the same
 synthetic batch: per-sample gradients of every parameter, per-sample clipping, the sum,
 Gaussian noise and the SGD update. The methods are timed interleaved round by round in
 one process, in a rotating order, and reported as median ms, steps/s and the median
 same-round ratio to the non-private compiled step, the floor. Then profiled steps give
-GroupNorm's share of each (what persample can change) and, on CUDA, a separate step
+the norms' share of each (what persample can change) and, on CUDA, a separate step
 gives the peak memory above what was resident.
 
 The models are :mod:`persample.models`' (WRN-16-4 of De et al. 2022 on 3x32x32 images,
-10 classes; a small DPDM-style diffusion U-Net with its noise-prediction loss).
+10 classes; a small DPDM-style diffusion U-Net with its noise-prediction loss; a small
+ViT with LayerNorm on 3x32x32 images, 10 classes).
 """
 
 import contextlib
@@ -32,7 +33,7 @@ from .methods import Unavailable
 BATCH_SIZE = {"cpu": 8, "cuda": 64}
 ROUNDS = {"cpu": 10, "cuda": 20}
 MODELS = M.MODELS
-_GROUP_NORM = re.compile(r"group_?norm", re.IGNORECASE)
+_NORM = re.compile(r"(group|layer|rms)_?norm", re.IGNORECASE)
 _FUSED = re.compile(r"CompiledFxGraph|Torch-Compiled Region|^triton_|cpp_fused_")
 
 
@@ -72,13 +73,13 @@ def time_interleaved(steps, rounds, device):
         return timing.time_interleaved(steps, rounds, device, on_step)
 
 
-def group_norm_share(step, device, repeats=3):
-    """Fraction of a profiled step spent in GroupNorm (the median of ``repeats`` steps):
+def norm_share(step, device, repeats=3):
+    """Fraction of a profiled step spent in the norms (the median of ``repeats`` steps):
     forward, backward and per-sample work, i.e. every operator event whose name says
-    group norm (ATen's, persample's, Opacus's samplers), outermost ones only. On CPU, of
-    the step's wall time; on CUDA, of its kernel time. None where a compiled graph fused
-    GroupNorm into other kernels (inductor names a kernel after all the ops it fuses, so
-    its time cannot be split)."""
+    group, layer or RMS norm (ATen's, persample's, Opacus's samplers), outermost ones
+    only. On CPU, of the step's wall time; on CUDA, of its kernel time. None where a
+    compiled graph fused the norms into other kernels (inductor names a kernel after
+    all the ops it fuses, so its time cannot be split)."""
     shares = [_profiled_share(step, device) for _ in range(repeats)]
     return None if None in shares else statistics.median(shares)
 
@@ -94,7 +95,7 @@ def _profiled_share(step, device):
         timing.sync(device)
     events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
     outer = [e for e in events
-             if _GROUP_NORM.search(e.name) and not _FUSED.search(e.name) and not _gn_ancestor(e)]
+             if _NORM.search(e.name) and not _FUSED.search(e.name) and not _norm_ancestor(e)]
     if not outer and any(_FUSED.search(e.name) for e in events):
         return None
     if device.type == "cuda":
@@ -104,10 +105,10 @@ def _profiled_share(step, device):
     return sum(e.cpu_time_total for e in outer) / whole.cpu_time_total
 
 
-def _gn_ancestor(event):
+def _norm_ancestor(event):
     parent = event.cpu_parent
     while parent is not None:
-        if _GROUP_NORM.search(parent.name):
+        if _NORM.search(parent.name):
             return True
         parent = parent.cpu_parent
     return False
@@ -125,8 +126,8 @@ def peak_memory_mb(step, device):
 
 @contextlib.contextmanager
 def _labelled_opacus_samplers():
-    """Name Opacus's GroupNorm grad samplers in profiles (record_function), so that their
-    per-sample work counts as GroupNorm's; restored afterwards."""
+    """Name Opacus's norm grad samplers in profiles (record_function), so that their
+    per-sample work counts as the norms'; restored afterwards."""
     try:
         from opacus.grad_sample.grad_sample_module import GradSampleHooks
 
@@ -136,10 +137,10 @@ def _labelled_opacus_samplers():
         return
     registry = GradSampleHooks.GRAD_SAMPLERS
     saved = dict(registry)
-    for cls in (torch.nn.GroupNorm, persample.nn.GroupNorm):
+    for cls in (*M.NORMS, persample.nn.GroupNorm, persample.nn.LayerNorm, persample.nn.RMSNorm):
         sampler = registry.get(cls)
         if sampler is not None:
-            registry[cls] = _labelled(sampler, f"opacus_group_norm_grad_sampler ({cls.__module__})")
+            registry[cls] = _labelled(sampler, f"opacus_{cls.__name__}_grad_sampler ({cls.__module__})")
     try:
         yield
     finally:
@@ -185,24 +186,24 @@ def run(model, *, device="cpu", batch_size=None, rounds=None, methods=None):
                     skipped[name] = f"failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
                 bar.update(1)
         times = time_interleaved(steps, rounds, device)
-        share = {name: group_norm_share(step, device) for name, step in steps.items()}
+        share = {name: norm_share(step, device) for name, step in steps.items()}
         cuda = device.type == "cuda"
         peak = {name: peak_memory_mb(step, device) for name, step in steps.items()} if cuda else {}
     floor = times["nonprivate_compiled"]
     # The goal's question, persample's row against its stock twin, asked round by round:
-    # a whole step's noise between rounds is larger than GroupNorm's part of it.
+    # a whole step's noise between rounds is larger than the norms' part of it.
     pairs = {k: (times[k.replace("persample", "stock")], v) for k, v in times.items()
              if "persample" in k and k.replace("persample", "stock") in times}
     return {
         "model": model, "batch_size": n, "rounds": rounds,
         "parameters": sum(p.numel() for p in w.model.parameters()),
-        "group_norm_layers": sum(isinstance(m, torch.nn.GroupNorm) for m in w.model.modules()),
+        "norm_layers": sum(isinstance(m, M.NORMS) for m in w.model.modules()),
         "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()},
         "ratio_to_nonprivate": {k: statistics.median(a / b for a, b in zip(v, floor))
                                 for k, v in times.items()},
         "ratio_range": {k: [min(a / b for a, b in zip(v, floor)), max(a / b for a, b in zip(v, floor))]
                         for k, v in times.items()},
-        "group_norm_share": share, "peak_mb": peak, "first_step_s": compile_s, "skipped": skipped,
+        "norm_share": share, "peak_mb": peak, "first_step_s": compile_s, "skipped": skipped,
         "persample_over_stock": {k: _ratio_summary(a, b) for k, (b, a) in pairs.items()},
     }
 
@@ -215,16 +216,16 @@ def _ratio_summary(a, b):
 
 def report(result, header):
     print(header)
-    print(f"{result['model']}: {result['parameters'] / 1e6:.2f}M parameters, {result['group_norm_layers']} "
-          f"GroupNorm layers, batch {result['batch_size']}, {result['rounds']} rounds; one DP-SGD step "
+    print(f"{result['model']}: {result['parameters'] / 1e6:.2f}M parameters, {result['norm_layers']} "
+          f"norm layers, batch {result['batch_size']}, {result['rounds']} rounds; one DP-SGD step "
           f"(per-sample gradients, clipping, noise, update), medians")
     peak = bool(result["peak_mb"])
     print(f"{'method':<26}{'ms/step':>10}{'steps/s':>9}{'x non-private':>15}{'(round range)':>16}"
-          f"{'GroupNorm share':>17}{'first step s':>14}" + (f"{'peak MiB':>10}" if peak else ""))
+          f"{'norm share':>17}{'first step s':>14}" + (f"{'peak MiB':>10}" if peak else ""))
     for name, ms in result["ms"].items():
         lo, hi = result["ratio_range"][name]
         print(f"{name:<26}{ms:>10.1f}{1e3 / ms:>9.2f}{result['ratio_to_nonprivate'][name]:>15.2f}"
-              f"{f'({lo:.2f}-{hi:.2f})':>16}{_share(result['group_norm_share'][name]):>17}"
+              f"{f'({lo:.2f}-{hi:.2f})':>16}{_share(result['norm_share'][name]):>17}"
               f"{result['first_step_s'][name]:>14.1f}"
               + (f"{result['peak_mb'][name]:>10.0f}" if peak else ""))
     for name, (med, lo, hi) in result["persample_over_stock"].items():
