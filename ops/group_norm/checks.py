@@ -5,7 +5,7 @@ ops/shared/checks.py).
 
 import torch
 
-from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype
+from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype, check_param_placement
 
 
 def grad_param_dtype(input, weight):
@@ -30,16 +30,7 @@ def _check_param(name, p, input):
         lambda: f"persample.group_norm: {name} must be Tensor[C] (shared) or Tensor[N, C] "
         f"(per-sample), got a tensor of shape {_shape(p)}",
     )
-    _check(
-        p.device == input.device,
-        lambda: f"persample.group_norm: {name} is on {p.device} but input is on {input.device}",
-    )
-    allowed = (input.dtype, torch.float32) if input.dtype in REDUCED else (input.dtype,)
-    _check(
-        p.dtype in allowed,
-        lambda: f"persample.group_norm: {name} has dtype {p.dtype}, expected {input.dtype}"
-        + (" or torch.float32" if input.dtype in REDUCED else ""),
-    )
+    check_param_placement("persample.group_norm", name, p, input)
     _check(
         p.shape[-1] == c,
         lambda: f"persample.group_norm: {name} has {_v(p.shape[-1])} channels but input has "

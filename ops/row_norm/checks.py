@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype
+from ..shared.checks import REDUCED, _check, _shape, _v, acc_dtype, check_param_placement
 
 
 def stats_shape(input, normalized_shape):
@@ -60,16 +60,7 @@ def _check_param(op, name, p, input, normalized_shape):
         lambda: f"{_prefix(op)}: {name} must be Tensor{list(ns)} (shared) or "
         f"Tensor[N, {', '.join(map(str, ns))}] (per-sample), got a tensor of shape {_shape(p)}",
     )
-    _check(
-        p.device == input.device,
-        lambda: f"{_prefix(op)}: {name} is on {p.device} but input is on {input.device}",
-    )
-    allowed = (input.dtype, torch.float32) if input.dtype in REDUCED else (input.dtype,)
-    _check(
-        p.dtype in allowed,
-        lambda: f"{_prefix(op)}: {name} has dtype {p.dtype}, expected {input.dtype}"
-        + (" or torch.float32" if input.dtype in REDUCED else ""),
-    )
+    check_param_placement(_prefix(op), name, p, input)
     trailing = p.shape[p.dim() - k :]
     _check(
         all(a == b for a, b in zip(trailing, ns)),

@@ -35,3 +35,18 @@ def _check(cond, message):
 def acc_dtype(input_dtype):
     """Dtype of the saved statistics and of the fp32-or-wider accumulation."""
     return torch.float32 if input_dtype in REDUCED else input_dtype
+
+
+def check_param_placement(prefix, name, p, input):
+    """A parameter's device and dtype against the input's: the input's dtype, or fp32
+    for fp16/bf16 input. ``prefix`` names the op in the message."""
+    _check(
+        p.device == input.device,
+        lambda: f"{prefix}: {name} is on {p.device} but input is on {input.device}",
+    )
+    allowed = (input.dtype, torch.float32) if input.dtype in REDUCED else (input.dtype,)
+    _check(
+        p.dtype in allowed,
+        lambda: f"{prefix}: {name} has dtype {p.dtype}, expected {input.dtype}"
+        + (" or torch.float32" if input.dtype in REDUCED else ""),
+    )

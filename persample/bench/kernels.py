@@ -190,25 +190,28 @@ def run_case(shape, dtype, channels_last, rounds):
     launch = cuda.triton_launch()
     x, fmt = launch.dense(case.x)
     plan = launch.plan_for(x, fmt, case.groups)
+    row = {
+        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+        "channels_last": channels_last, "plan": repr(plan),
+        "on_chip": plan.single, "split": plan.splits > 1, **measure(case, rounds),
+    }
+    del case
+    torch.cuda.empty_cache()
+    return row
+
+
+def measure(case, rounds):
+    """A row's figures for ``case``: its kernel-only steps (persample, aten, copy) and
+    its end-to-end steps (plain, persample, expanded_weights), warmed up, then timed;
+    ``case.bytes`` is the size of one tensor. A peer that fails is reported as skipped."""
     kernels, steps = case.kernel_steps(), case.autograd_steps()
     skipped = _warm(kernels, ("aten",))
     skipped.update(_warm(steps, ("expanded_weights",)))
     kt = kernel_times(kernels, max(3, rounds // 4))
     st = step_times(steps, rounds)
-    row = {
-        "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-        "channels_last": channels_last, "mb_per_tensor": case.bytes / 2**20, "plan": repr(plan),
-        "on_chip": plan.single, "split": plan.splits > 1, **timing_fields(kt, st, skipped, case.bytes),
-    }
-    del case, kernels, steps
-    torch.cuda.empty_cache()
-    return row
-
-
-def timing_fields(kt, st, skipped, nbytes):
-    """A row's figures from kernel-only times ``kt`` (persample, aten, copy) and step
-    times ``st`` (plain, persample, expanded_weights), of tensors of ``nbytes``."""
+    nbytes = case.bytes
     fields = {
+        "mb_per_tensor": nbytes / 2**20,
         "kernel_ms": {k: statistics.median(v) for k, v in kt.items()},
         "aten_over_persample_kernels": ratios(kt, "aten", "persample") if "aten" in kt else None,
         # 5 passes of the tensor at the persample kernels' speed, over the copy's 2.

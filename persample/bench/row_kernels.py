@@ -24,7 +24,7 @@ import torch
 import persample
 
 from ..ops.shared import backends
-from .kernels import _range, _warm, gmean, kernel_times, step_times, timing_fields
+from .kernels import _range, gmean, measure
 
 SHAPES = [(16, 128, 768), (8, 512, 1024), (64, 64, 384),  # the layer suite's
           (32, 2048, 1024), (8, 1024, 16384), (2, 8192, 4096)]
@@ -111,17 +111,11 @@ class Case:
 def run_case(op, shape, dtype, rounds):
     case = Case(op, shape, dtype)
     launch = backends.triton_module(backends.ROW_NORM_TRITON)
-    kernels, steps = case.kernel_steps(), case.autograd_steps()
-    skipped = _warm(kernels, ("aten",))
-    skipped.update(_warm(steps, ("expanded_weights",)))
-    kt = kernel_times(kernels, max(3, rounds // 4))
-    st = step_times(steps, rounds)
     row = {
         "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-        "mb_per_tensor": case.bytes / 2**20, "plan": repr(launch.plan_for(case.x)),
-        **timing_fields(kt, st, skipped, case.bytes),
+        "plan": repr(launch.plan_for(case.x)), **measure(case, rounds),
     }
-    del case, kernels, steps
+    del case
     torch.cuda.empty_cache()
     return row
 
